@@ -1,0 +1,1 @@
+"""Reverie bot package."""

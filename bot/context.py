@@ -1,0 +1,36 @@
+"""Shared set-up for CLI commands and the server: settings, logging, the database."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from rich.logging import RichHandler
+
+from bot.settings import Settings
+from storage import Database, Store
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Rich console logging; third-party chatter kept at WARNING."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(name)s: %(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(rich_tracebacks=True, show_path=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "httpcore", "discord", "telegram", "apscheduler", "aiosqlite", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    """A :class:`Store` on the configured database, migrated to the latest schema."""
+    database = Database(settings.resolved_database_url)
+    try:
+        await database.create_schema()
+        yield Store(database)
+    finally:
+        await database.dispose()

@@ -1,0 +1,103 @@
+"""Configuration from the environment and ``.env`` (pydantic-settings).
+
+Only the composition root (``bot``) reads :class:`Settings`; lower packages take explicit arguments, so
+``learning``, ``imagine`` and ``storage`` stay usable as libraries. Secrets are :class:`~pydantic.SecretStr`
+and never appear in ``repr``, logs or ``/status``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of Reverie; ``.env.example`` lists them with a comment each."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------------
+    data_dir: Path = Field(default=Path("data"), description="Where the database, checkpoints and caches live.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
+
+    # --- model ---------------------------------------------------------------------------------------
+    base_model: str = Field(default="smollm2", description="'smollm2' (bundled), a local directory or a hub id.")
+    model_cache_dir: Path | None = Field(default=None, description="Converted base models; default data_dir/models.")
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
+    task: str = Field(default="travel", description="Task spec served by the bot: built-in name or TOML path.")
+
+    # --- decoding ------------------------------------------------------------------------------------
+    max_new_tokens: int = Field(default=96, ge=1, le=1024)
+    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    top_k: int = Field(default=20, ge=0)
+    beta: float | None = Field(default=None, description="ILQL advantage weight; default: the checkpoint's.")
+
+    # --- imagination ---------------------------------------------------------------------------------
+    imagine_backend: Literal["local", "openai"] = "local"
+    openai_base_url: str | None = Field(default=None, description="Any OpenAI-compatible server.")
+    openai_api_key: SecretStr | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_concurrency: int = Field(default=16, ge=1, le=512)
+    openai_timeout_s: float = Field(default=60.0, gt=0)
+    openai_max_retries: int = Field(default=5, ge=0)
+
+    # --- platforms -----------------------------------------------------------------------------------
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str | None = Field(default=None, description="Bot API base URL (self-hosted/test).")
+    discord_token: SecretStr | None = None
+    discord_guild_id: int | None = Field(default=None, description="Sync slash commands to this guild instantly.")
+    admin_ids: list[str] = Field(
+        default_factory=list,
+        description="Admins as 'platform:user_id' (e.g. telegram:123, discord:456, console:local).",
+    )
+    session_idle_minutes: float = Field(default=30.0, gt=0)
+    max_message_chars: int = Field(default=4000, ge=1)
+
+    # --- improvement loop ----------------------------------------------------------------------------
+    improve_enabled: bool = True
+    improve_cron: str = Field(default="0 3 * * *", description="Cron expression (UTC) for improvement runs.")
+    improve_on_first_start: bool = True
+    improve_imagined: int = Field(default=200, ge=0, description="Fresh imagined dialogues per run.")
+    improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
+    improve_algo: Literal["ilql", "bc", "fbc", "ilql-utterance"] = "ilql"
+    improve_steps: int = Field(default=300, ge=1)
+    improve_time_limit_minutes: float = Field(default=120.0, gt=0)
+    improve_eval_episodes: int = Field(default=60, ge=1)
+    improve_margin: float = Field(default=0.02, ge=0.0, description="Promote unless worse by more than this.")
+    improve_from: Literal["active", "base"] = "active"
+    keep_versions: int = Field(default=5, ge=1, description="Policy versions kept for rollback.")
+
+    log_level: str = "INFO"
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        # Allow ADMIN_IDS=telegram:1,discord:2 as well as a JSON list.
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """``database_url`` or the default SQLite file inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'reverie.db').resolve()}"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        """Directory for converted base models."""
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Directory for trained policy checkpoints."""
+        return self.data_dir / "policies"
+
+    def is_admin(self, platform: str, user_id: str | int) -> bool:
+        """Whether ``platform:user_id`` is a configured admin."""
+        return f"{platform}:{user_id}" in self.admin_ids

@@ -1,0 +1,1 @@
+"""Reverie imagine package."""

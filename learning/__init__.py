@@ -1,0 +1,1 @@
+"""Reverie learning package."""

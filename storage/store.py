@@ -1,0 +1,586 @@
+"""Queries the rest of Reverie needs, each one transaction, retried when the database is busy.
+
+The bot logs turns and feedback through :class:`Store`; the learning code reads training dialogues as
+plain :class:`DialogueRecord` values, never ORM objects, so it does not depend on sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from storage.database import Database, retry_transient
+from storage.models import (
+    Conversation,
+    ConversationStatus,
+    DataDeletion,
+    Feedback,
+    FeedbackKind,
+    PolicyStatus,
+    PolicyVersion,
+    Role,
+    RunStatus,
+    Source,
+    TrainingRun,
+    Turn,
+    utcnow,
+)
+
+
+class StoreError(ValueError):
+    """A request the data does not allow (unknown id, wrong owner, closed conversation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """One turn of a dialogue as the learning code sees it."""
+
+    role: str
+    text: str
+    turn_id: int | None = None
+    thumbs: float | None = None  # mean 👍(+1)/👎(−1) on this turn, if any
+
+
+@dataclass(frozen=True, slots=True)
+class DialogueRecord:
+    """A stored dialogue with its outcome, detached from the database."""
+
+    id: int | None
+    source: str
+    task: str
+    turns: tuple[TurnRecord, ...]
+    reward: float | None
+    persona: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    platform: str = ""
+    ended_at: datetime | None = None
+
+
+def _validate_role(role: str) -> str:
+    if role not in (Role.USER, Role.AGENT):
+        raise StoreError(f"role must be 'user' or 'agent', not {role!r}")
+    return str(role)
+
+
+class Store:
+    """All reads and writes of Reverie's data."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    # --- conversations and turns ---------------------------------------------------------------------
+
+    @retry_transient()
+    async def start_conversation(
+        self,
+        *,
+        source: str,
+        platform: str,
+        task: str,
+        chat_key: str = "",
+        user_key: str = "",
+        persona: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        policy_version_id: int | None = None,
+        consent: bool = True,
+    ) -> Conversation:
+        """Open a conversation and return it (with its id)."""
+        Source(source)
+        conversation = Conversation(
+            source=source,
+            platform=platform,
+            task=task,
+            chat_key=chat_key,
+            user_key=user_key,
+            persona=persona,
+            meta=meta or {},
+            policy_version_id=policy_version_id,
+            consent=consent,
+        )
+        async with self.database.session() as session:
+            session.add(conversation)
+        return conversation
+
+    @retry_transient()
+    async def append_turn(
+        self,
+        conversation_id: int,
+        role: str,
+        text: str,
+        *,
+        policy_version_id: int | None = None,
+        latency_ms: float | None = None,
+    ) -> Turn:
+        """Append a turn at the next index of an open conversation."""
+        _validate_role(role)
+        async with self.database.session() as session:
+            conversation = await session.get(Conversation, conversation_id, with_for_update=True)
+            if conversation is None:
+                raise StoreError(f"no conversation {conversation_id}")
+            if conversation.status != ConversationStatus.OPEN:
+                raise StoreError(f"conversation {conversation_id} is {conversation.status}")
+            next_index = (await session.exec(select(func.count()).where(Turn.conversation_id == conversation_id))).one()
+            turn = Turn(
+                conversation_id=conversation_id,
+                index=next_index,
+                role=role,
+                text=text,
+                policy_version_id=policy_version_id,
+                latency_ms=latency_ms,
+            )
+            session.add(turn)
+        return turn
+
+    @retry_transient()
+    async def close_conversation(
+        self,
+        conversation_id: int,
+        *,
+        reward: float | None = None,
+        reward_source: str | None = None,
+        status: str = ConversationStatus.CLOSED,
+    ) -> Conversation:
+        """End a conversation, optionally with its terminal reward. Closing twice keeps the first end."""
+        async with self.database.session() as session:
+            conversation = await session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise StoreError(f"no conversation {conversation_id}")
+            if conversation.status == ConversationStatus.OPEN:
+                conversation.status = ConversationStatus(status)
+                conversation.ended_at = utcnow()
+            if reward is not None:
+                conversation.reward = float(reward)
+                conversation.reward_source = reward_source
+            session.add(conversation)
+        return conversation
+
+    @retry_transient()
+    async def set_reward(self, conversation_id: int, reward: float, reward_source: str) -> Conversation:
+        """Set (or replace) the terminal reward of a conversation, open or closed."""
+        async with self.database.session() as session:
+            conversation = await session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise StoreError(f"no conversation {conversation_id}")
+            conversation.reward = float(reward)
+            conversation.reward_source = reward_source
+            session.add(conversation)
+        return conversation
+
+    @retry_transient()
+    async def save_dialogue(
+        self,
+        *,
+        source: str,
+        platform: str,
+        task: str,
+        turns: Sequence[tuple[str, str]],
+        reward: float | None,
+        reward_source: str | None = None,
+        persona: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        policy_version_id: int | None = None,
+        user_key: str = "",
+    ) -> Conversation:
+        """Store a finished dialogue (imagined, imported or evaluation) in one transaction."""
+        Source(source)
+        if not turns:
+            raise StoreError("a dialogue needs at least one turn")
+        now = utcnow()
+        conversation = Conversation(
+            source=source,
+            platform=platform,
+            task=task,
+            user_key=user_key,
+            persona=persona,
+            meta=meta or {},
+            policy_version_id=policy_version_id,
+            status=ConversationStatus.CLOSED,
+            ended_at=now,
+            reward=reward,
+            reward_source=reward_source,
+        )
+        async with self.database.session() as session:
+            session.add(conversation)
+            await session.flush()
+            for index, (role, text) in enumerate(turns):
+                session.add(
+                    Turn(
+                        conversation_id=conversation.id,
+                        index=index,
+                        role=_validate_role(role),
+                        text=text,
+                        created_at=now,
+                        policy_version_id=policy_version_id,
+                    )
+                )
+        return conversation
+
+    @retry_transient()
+    async def get_conversation(self, conversation_id: int) -> Conversation | None:
+        """A conversation by id."""
+        async with self.database.session() as session:
+            return await session.get(Conversation, conversation_id)
+
+    @retry_transient()
+    async def get_turn(self, turn_id: int) -> Turn | None:
+        """A turn by id."""
+        async with self.database.session() as session:
+            return await session.get(Turn, turn_id)
+
+    @retry_transient()
+    async def get_turns(self, conversation_id: int) -> list[Turn]:
+        """The turns of a conversation in order."""
+        async with self.database.session() as session:
+            rows = await session.exec(
+                select(Turn).where(Turn.conversation_id == conversation_id).order_by(col(Turn.index))
+            )
+            return list(rows.all())
+
+    @retry_transient()
+    async def open_conversations(self, idle_since: datetime | None = None) -> list[Conversation]:
+        """Open real conversations, optionally only those started before ``idle_since``."""
+        async with self.database.session() as session:
+            query = select(Conversation).where(
+                Conversation.status == ConversationStatus.OPEN, Conversation.source == Source.REAL
+            )
+            if idle_since is not None:
+                query = query.where(col(Conversation.started_at) < idle_since)
+            return list((await session.exec(query)).all())
+
+    @retry_transient()
+    async def count_conversations(
+        self, *, source: str | None = None, task: str | None = None, with_reward: bool = False
+    ) -> int:
+        """How many conversations match."""
+        async with self.database.session() as session:
+            query = select(func.count()).select_from(Conversation)
+            if source is not None:
+                query = query.where(Conversation.source == source)
+            if task is not None:
+                query = query.where(Conversation.task == task)
+            if with_reward:
+                query = query.where(col(Conversation.reward).is_not(None))
+            return (await session.exec(query)).one()
+
+    # --- feedback ------------------------------------------------------------------------------------
+
+    @retry_transient()
+    async def record_feedback(
+        self,
+        *,
+        conversation_id: int,
+        user_key: str,
+        kind: str,
+        value: float | None = None,
+        text: str | None = None,
+        turn_id: int | None = None,
+    ) -> tuple[Feedback, bool]:
+        """Record feedback; returns it and whether it changed anything.
+
+        Thumbs on a turn are idempotent per (turn, user): clicking 👍 twice records one 👍, switching to
+        👎 replaces it. A turn must belong to the conversation and be an agent turn.
+        """
+        FeedbackKind(kind)
+        async with self.database.session() as session:
+            conversation = await session.get(Conversation, conversation_id)
+            if conversation is None:
+                raise StoreError(f"no conversation {conversation_id}")
+            if turn_id is not None:
+                turn = await session.get(Turn, turn_id)
+                if turn is None or turn.conversation_id != conversation_id:
+                    raise StoreError(f"turn {turn_id} is not part of conversation {conversation_id}")
+                existing = (
+                    await session.exec(
+                        select(Feedback).where(
+                            Feedback.turn_id == turn_id, Feedback.user_key == user_key, Feedback.kind == kind
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    changed = existing.value != value or existing.text != text
+                    existing.value, existing.text, existing.created_at = value, text, utcnow()
+                    session.add(existing)
+                    return existing, changed
+            feedback = Feedback(
+                conversation_id=conversation_id,
+                turn_id=turn_id,
+                user_key=user_key,
+                kind=kind,
+                value=value,
+                text=text,
+            )
+            session.add(feedback)
+            try:
+                await session.flush()
+            except IntegrityError as error:  # a concurrent click on the same turn won the race
+                raise StoreError("feedback already recorded") from error
+        return feedback, True
+
+    # --- training data -------------------------------------------------------------------------------
+
+    @retry_transient()
+    async def dialogues_for_training(
+        self,
+        *,
+        sources: Iterable[str] = (Source.IMAGINED, Source.REAL),
+        task: str | None = None,
+        since: datetime | None = None,
+        with_reward: bool = True,
+        limit: int | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[DialogueRecord]:
+        """Closed, consented dialogues with their turns and per-turn thumbs, oldest first.
+
+        Evaluation episodes are never training data unless asked for by source explicitly.
+        """
+        async with self.database.session() as session:
+            query = select(Conversation).where(
+                col(Conversation.source).in_([Source(s).value for s in sources]),
+                col(Conversation.consent).is_(True),
+                Conversation.status != ConversationStatus.OPEN,
+            )
+            if task is not None:
+                query = query.where(Conversation.task == task)
+            if since is not None:
+                query = query.where(col(Conversation.ended_at) > since)
+            if with_reward:
+                query = query.where(col(Conversation.reward).is_not(None))
+            if ids is not None:
+                query = query.where(col(Conversation.id).in_(list(ids)))
+            deleted_users = select(DataDeletion.user_key)
+            query = query.where((Conversation.user_key == "") | col(Conversation.user_key).not_in(deleted_users))
+            query = query.order_by(col(Conversation.id))
+            if limit is not None:
+                query = query.limit(limit)
+            conversations = list((await session.exec(query)).all())
+            if not conversations:
+                return []
+            conversation_ids = [c.id for c in conversations]
+            turns = (
+                await session.exec(
+                    select(Turn)
+                    .where(col(Turn.conversation_id).in_(conversation_ids))
+                    .order_by(col(Turn.conversation_id), col(Turn.index))
+                )
+            ).all()
+            thumbs_rows = (
+                await session.exec(
+                    select(Feedback.turn_id, func.avg(Feedback.value))
+                    .where(
+                        col(Feedback.conversation_id).in_(conversation_ids),
+                        Feedback.kind == FeedbackKind.THUMBS,
+                        col(Feedback.turn_id).is_not(None),
+                    )
+                    .group_by(col(Feedback.turn_id))
+                )
+            ).all()
+        thumbs = {turn_id: float(mean) for turn_id, mean in thumbs_rows if mean is not None}
+        by_conversation: dict[int, list[TurnRecord]] = {cid: [] for cid in conversation_ids if cid is not None}
+        for turn in turns:
+            by_conversation[turn.conversation_id].append(
+                TurnRecord(role=turn.role, text=turn.text, turn_id=turn.id, thumbs=thumbs.get(turn.id))
+            )
+        return [
+            DialogueRecord(
+                id=c.id,
+                source=c.source,
+                task=c.task,
+                turns=tuple(by_conversation.get(c.id or -1, ())),
+                reward=c.reward,
+                persona=c.persona,
+                meta=dict(c.meta or {}),
+                platform=c.platform,
+                ended_at=c.ended_at,
+            )
+            for c in conversations
+        ]
+
+    # --- deletion ------------------------------------------------------------------------------------
+
+    @retry_transient()
+    async def forget_user(self, user_key: str) -> int:
+        """Delete every conversation, turn and feedback of ``user_key``; returns conversations deleted.
+
+        A tombstone keeps the user out of training sets selected before the deletion finished.
+        """
+        if not user_key:
+            raise StoreError("an empty user key would match imagined dialogues")
+        async with self.database.session() as session:
+            ids = list((await session.exec(select(Conversation.id).where(Conversation.user_key == user_key))).all())
+            if ids:
+                await session.exec(delete(Feedback).where(col(Feedback.conversation_id).in_(ids)))
+                await session.exec(delete(Turn).where(col(Turn.conversation_id).in_(ids)))
+                await session.exec(delete(Conversation).where(col(Conversation.id).in_(ids)))
+            await session.exec(delete(Feedback).where(Feedback.user_key == user_key))
+            session.add(DataDeletion(user_key=user_key, conversations=len(ids)))
+        return len(ids)
+
+    # --- policy versions -----------------------------------------------------------------------------
+
+    @retry_transient()
+    async def register_policy_version(
+        self,
+        *,
+        path: str,
+        sha256: str,
+        base_model: str,
+        algorithm: str,
+        metrics: dict[str, Any] | None = None,
+        parent_id: int | None = None,
+    ) -> PolicyVersion:
+        """Record a trained checkpoint as a candidate."""
+        version = PolicyVersion(
+            path=path,
+            sha256=sha256,
+            base_model=base_model,
+            algorithm=algorithm,
+            metrics=metrics or {},
+            parent_id=parent_id,
+        )
+        async with self.database.session() as session:
+            session.add(version)
+        return version
+
+    @retry_transient()
+    async def activate_policy_version(self, version_id: int) -> PolicyVersion:
+        """Make one version active and retire the one it replaces (one transaction)."""
+        async with self.database.session() as session:
+            version = await session.get(PolicyVersion, version_id)
+            if version is None:
+                raise StoreError(f"no policy version {version_id}")
+            await session.exec(
+                update(PolicyVersion)
+                .where(PolicyVersion.status == PolicyStatus.ACTIVE, PolicyVersion.id != version_id)
+                .values(status=PolicyStatus.RETIRED)
+            )
+            version.status = PolicyStatus.ACTIVE
+            version.activated_at = utcnow()
+            session.add(version)
+        return version
+
+    @retry_transient()
+    async def set_policy_status(
+        self, version_id: int, status: str, metrics: dict[str, Any] | None = None
+    ) -> PolicyVersion:
+        """Mark a version rejected/retired/candidate (use :meth:`activate_policy_version` to activate)."""
+        if PolicyStatus(status) == PolicyStatus.ACTIVE:
+            raise StoreError("use activate_policy_version to activate")
+        async with self.database.session() as session:
+            version = await session.get(PolicyVersion, version_id)
+            if version is None:
+                raise StoreError(f"no policy version {version_id}")
+            version.status = status
+            if metrics:
+                version.metrics = {**(version.metrics or {}), **metrics}
+            session.add(version)
+        return version
+
+    @retry_transient()
+    async def active_policy_version(self) -> PolicyVersion | None:
+        """The version serving now, or ``None`` (prompted base model)."""
+        async with self.database.session() as session:
+            return (
+                await session.exec(select(PolicyVersion).where(PolicyVersion.status == PolicyStatus.ACTIVE))
+            ).first()
+
+    @retry_transient()
+    async def get_policy_version(self, version_id: int) -> PolicyVersion | None:
+        """A policy version by id."""
+        async with self.database.session() as session:
+            return await session.get(PolicyVersion, version_id)
+
+    @retry_transient()
+    async def list_policy_versions(self, limit: int = 50) -> list[PolicyVersion]:
+        """Newest first."""
+        async with self.database.session() as session:
+            rows = await session.exec(select(PolicyVersion).order_by(col(PolicyVersion.id).desc()).limit(limit))
+            return list(rows.all())
+
+    @retry_transient()
+    async def rollback_target(self) -> PolicyVersion | None:
+        """The most recently activated retired version: where ``/rollback`` goes."""
+        async with self.database.session() as session:
+            rows = await session.exec(
+                select(PolicyVersion)
+                .where(PolicyVersion.status == PolicyStatus.RETIRED, col(PolicyVersion.activated_at).is_not(None))
+                .order_by(col(PolicyVersion.activated_at).desc())
+                .limit(1)
+            )
+            return rows.first()
+
+    @retry_transient()
+    async def deactivate_all(self) -> None:
+        """Retire the active version so the prompted base model serves (rollback past the first version)."""
+        async with self.database.session() as session:
+            await session.exec(
+                update(PolicyVersion)
+                .where(PolicyVersion.status == PolicyStatus.ACTIVE)
+                .values(status=PolicyStatus.RETIRED)
+            )
+
+    # --- training runs -------------------------------------------------------------------------------
+
+    @retry_transient()
+    async def start_training_run(self, *, trigger: str, config: dict[str, Any] | None = None) -> TrainingRun:
+        """Record the start of an improvement run."""
+        run = TrainingRun(trigger=trigger, config=config or {})
+        async with self.database.session() as session:
+            session.add(run)
+        return run
+
+    @retry_transient()
+    async def update_training_run(self, run_id: int, **fields: Any) -> TrainingRun:
+        """Update fields of a run; a terminal status sets ``finished_at``; metrics are merged."""
+        async with self.database.session() as session:
+            run = await session.get(TrainingRun, run_id)
+            if run is None:
+                raise StoreError(f"no training run {run_id}")
+            metrics = fields.pop("metrics", None)
+            if metrics:
+                run.metrics = {**(run.metrics or {}), **metrics}
+            for name, value in fields.items():
+                if not hasattr(run, name):
+                    raise StoreError(f"training runs have no field {name!r}")
+                setattr(run, name, value)
+            if "status" in fields and fields["status"] != RunStatus.RUNNING and run.finished_at is None:
+                run.finished_at = utcnow()
+            session.add(run)
+        return run
+
+    @retry_transient()
+    async def last_training_run(self, *, finished_only: bool = False) -> TrainingRun | None:
+        """The newest run."""
+        async with self.database.session() as session:
+            query = select(TrainingRun)
+            if finished_only:
+                query = query.where(TrainingRun.status != RunStatus.RUNNING)
+            return (await session.exec(query.order_by(col(TrainingRun.id).desc()).limit(1))).first()
+
+    @retry_transient()
+    async def last_successful_run_time(self) -> datetime | None:
+        """When the last run that used real data started: the next run takes real dialogues since then."""
+        async with self.database.session() as session:
+            query = (
+                select(TrainingRun.started_at)
+                .where(col(TrainingRun.status).in_([RunStatus.SUCCEEDED, RunStatus.REJECTED]))
+                .order_by(col(TrainingRun.id).desc())
+                .limit(1)
+            )
+            return (await session.exec(query)).first()
+
+    @retry_transient()
+    async def fail_unfinished_runs(self, error: str) -> int:
+        """Mark runs left 'running' by a crashed process as failed (called at start-up)."""
+        async with self.database.session() as session:
+            result = await session.exec(
+                update(TrainingRun)
+                .where(TrainingRun.status == RunStatus.RUNNING)
+                .values(status=RunStatus.FAILED, error=error, finished_at=utcnow())
+            )
+            return result.rowcount or 0

@@ -1,0 +1,232 @@
+"""Storage: every query on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+
+import pytest
+from sqlalchemy import text
+
+from storage import (
+    ConversationStatus,
+    Database,
+    DatabaseUnavailableError,
+    PolicyStatus,
+    RunStatus,
+    Store,
+    StoreError,
+)
+
+
+async def _chat(store: Store, user_key: str = "telegram:1", reward: float | None = 1.0) -> int:
+    conversation = await store.start_conversation(
+        source="real", platform="telegram", task="travel", chat_key="chat", user_key=user_key
+    )
+    await store.append_turn(conversation.id, "user", "I love museums")
+    agent = await store.append_turn(conversation.id, "agent", "Try the Louvre!", latency_ms=12.5)
+    await store.record_feedback(
+        conversation_id=conversation.id, user_key=user_key, kind="thumbs", value=1.0, turn_id=agent.id
+    )
+    await store.close_conversation(conversation.id, reward=reward, reward_source="end" if reward else None)
+    return conversation.id
+
+
+async def test_turns_are_appended_in_order_with_utc_times(store: Store) -> None:
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    for i in range(5):
+        await store.append_turn(conversation.id, "user" if i % 2 == 0 else "agent", f"turn {i}")
+    turns = await store.get_turns(conversation.id)
+    assert [t.index for t in turns] == [0, 1, 2, 3, 4]
+    assert [t.text for t in turns] == [f"turn {i}" for i in range(5)]
+    assert all(t.created_at.tzinfo is not None and t.created_at.utcoffset().total_seconds() == 0 for t in turns)
+    assert turns[0].created_at.tzinfo == UTC
+
+
+async def test_unicode_and_long_text_round_trip(store: Store) -> None:
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    odd = "שלום עולם \u202e reversed \u200b zero-width 🧳✈️ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 " + "x" * 100_000
+    turn = await store.append_turn(conversation.id, "user", odd)
+    assert (await store.get_turn(turn.id)).text == odd
+
+
+async def test_appending_to_closed_or_missing_conversation_is_refused(store: Store) -> None:
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    await store.close_conversation(conversation.id)
+    with pytest.raises(StoreError, match="closed"):
+        await store.append_turn(conversation.id, "user", "late")
+    with pytest.raises(StoreError, match="no conversation"):
+        await store.append_turn(999_999, "user", "nobody")
+    fresh = await store.start_conversation(source="real", platform="console", task="travel")
+    with pytest.raises(StoreError, match="role"):
+        await store.append_turn(fresh.id, "system", "x")
+
+
+async def test_thumbs_are_idempotent_and_switchable(store: Store) -> None:
+    conversation = await store.start_conversation(source="real", platform="discord", task="travel", user_key="d:1")
+    await store.append_turn(conversation.id, "user", "hi")
+    agent = await store.append_turn(conversation.id, "agent", "hello")
+    _, changed = await store.record_feedback(
+        conversation_id=conversation.id, user_key="d:1", kind="thumbs", value=1.0, turn_id=agent.id
+    )
+    assert changed
+    _, changed = await store.record_feedback(
+        conversation_id=conversation.id, user_key="d:1", kind="thumbs", value=1.0, turn_id=agent.id
+    )
+    assert not changed
+    await store.record_feedback(
+        conversation_id=conversation.id, user_key="d:1", kind="thumbs", value=-1.0, turn_id=agent.id
+    )
+    await store.close_conversation(conversation.id, reward=0.0, reward_source="end")
+    [record] = await store.dialogues_for_training()
+    assert record.turns[1].thumbs == -1.0
+
+
+async def test_feedback_on_a_turn_of_another_conversation_is_refused(store: Store) -> None:
+    first = await _chat(store, "telegram:1")
+    second = await store.start_conversation(source="real", platform="telegram", task="travel", user_key="t:2")
+    first_turns = await store.get_turns(first)
+    with pytest.raises(StoreError, match="not part of"):
+        await store.record_feedback(
+            conversation_id=second.id, user_key="t:2", kind="thumbs", value=1.0, turn_id=first_turns[1].id
+        )
+
+
+async def test_training_selection_filters_source_reward_time_and_consent(store: Store) -> None:
+    rewarded = await _chat(store, "telegram:1", reward=1.0)
+    await _chat(store, "telegram:2", reward=None)  # no reward: excluded
+    no_consent = await store.start_conversation(
+        source="real", platform="telegram", task="travel", user_key="telegram:3", consent=False
+    )
+    await store.append_turn(no_consent.id, "user", "x")
+    await store.close_conversation(no_consent.id, reward=1.0, reward_source="end")
+    await store.save_dialogue(
+        source="imagined",
+        platform="imagined",
+        task="travel",
+        turns=[("user", "hi"), ("agent", "hello")],
+        reward=0.0,
+        persona={"likes": "hiking"},
+    )
+    await store.save_dialogue(
+        source="evaluation", platform="sim", task="travel", turns=[("user", "a"), ("agent", "b")], reward=1.0
+    )
+    await store.save_dialogue(
+        source="imagined", platform="imagined", task="teaching", turns=[("user", "q"), ("agent", "a")], reward=1.0
+    )
+    records = await store.dialogues_for_training(task="travel")
+    assert sorted(r.source for r in records) == ["imagined", "real"]
+    assert {r.id for r in records if r.source == "real"} == {rewarded}
+    imagined = next(r for r in records if r.source == "imagined")
+    assert imagined.persona == {"likes": "hiking"} and imagined.reward == 0.0
+    real_only = await store.dialogues_for_training(sources=["real"])
+    assert [r.id for r in real_only] == [rewarded]
+    cutoff = real_only[0].ended_at
+    assert await store.dialogues_for_training(sources=["real"], since=cutoff) == []
+
+
+async def test_forget_deletes_everything_of_one_user_only(store: Store) -> None:
+    mine = await _chat(store, "telegram:1")
+    other = await _chat(store, "telegram:2")
+    assert await store.forget_user("telegram:1") == 1
+    assert await store.get_conversation(mine) is None
+    assert await store.get_turns(mine) == []
+    assert await store.get_conversation(other) is not None
+    assert [r.id for r in await store.dialogues_for_training()] == [other]
+    # A later conversation by the forgotten user stays out of training (tombstone).
+    await _chat(store, "telegram:1")
+    assert [r.id for r in await store.dialogues_for_training()] == [other]
+    with pytest.raises(StoreError):
+        await store.forget_user("")
+
+
+async def test_policy_versions_activate_retire_and_roll_back(store: Store) -> None:
+    assert await store.active_policy_version() is None
+    v1 = await store.register_policy_version(
+        path="/p/1", sha256="a" * 64, base_model="m", algorithm="ilql", metrics={"success": 0.4}
+    )
+    v2 = await store.register_policy_version(
+        path="/p/2", sha256="b" * 64, base_model="m", algorithm="ilql", parent_id=v1.id
+    )
+    assert v1.status == PolicyStatus.CANDIDATE
+    await store.activate_policy_version(v1.id)
+    await store.activate_policy_version(v2.id)
+    active = await store.active_policy_version()
+    assert active.id == v2.id and active.activated_at is not None
+    assert (await store.get_policy_version(v1.id)).status == PolicyStatus.RETIRED
+    assert (await store.rollback_target()).id == v1.id
+    await store.set_policy_status(v2.id, PolicyStatus.REJECTED, metrics={"why": "worse"})
+    assert (await store.get_policy_version(v2.id)).metrics == {"why": "worse"}
+    assert [v.id for v in await store.list_policy_versions()] == [v2.id, v1.id]
+    with pytest.raises(StoreError):
+        await store.activate_policy_version(12345)
+
+
+async def test_training_runs_record_status_and_metrics(store: Store) -> None:
+    run = await store.start_training_run(trigger="admin", config={"steps": 10})
+    assert run.status == RunStatus.RUNNING and run.finished_at is None
+    await store.update_training_run(run.id, n_imagined=5, metrics={"loss": 1.0})
+    await store.update_training_run(run.id, status=RunStatus.FAILED, error="boom", metrics={"step": 3})
+    last = await store.last_training_run()
+    assert last.status == RunStatus.FAILED and last.finished_at is not None
+    assert last.metrics == {"loss": 1.0, "step": 3} and last.n_imagined == 5
+    other = await store.start_training_run(trigger="schedule")
+    assert await store.fail_unfinished_runs("process restarted") == 1
+    assert (await store.last_training_run()).id == other.id
+    assert (await store.last_training_run()).status == RunStatus.FAILED
+
+
+async def test_concurrent_appends_keep_distinct_indices(store: Store) -> None:
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    # The bot serialises turns per session; different sessions write concurrently.
+    others = [await store.start_conversation(source="real", platform="console", task="t") for _ in range(8)]
+    await asyncio.gather(*(store.append_turn(c.id, "user", "hi") for c in [conversation, *others]))
+    counts = [len(await store.get_turns(c.id)) for c in [conversation, *others]]
+    assert counts == [1] * 9
+
+
+async def test_locked_sqlite_is_retried_then_reported(sqlite_database: Database) -> None:
+    store = Store(sqlite_database)
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    # Hold the write lock from another connection, release it shortly: the append must wait and succeed.
+    blocker = sqlite_database.sync_engine.connect()
+    blocker.exec_driver_sql("PRAGMA busy_timeout=0")
+    blocker.exec_driver_sql("BEGIN IMMEDIATE")
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.3)
+        blocker.exec_driver_sql("COMMIT")
+
+    async with sqlite_database.engine.connect() as connection:
+        await connection.exec_driver_sql("PRAGMA busy_timeout=0")
+    release = asyncio.create_task(release_later())
+    turn = await store.append_turn(conversation.id, "user", "waited")
+    await release
+    assert turn.index == 0
+    blocker.close()
+
+
+async def test_status_values_are_checked(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.start_conversation(source="made-up", platform="console", task="travel")
+    conversation = await store.start_conversation(source="real", platform="console", task="travel")
+    closed = await store.close_conversation(conversation.id, status=ConversationStatus.EXPIRED)
+    assert closed.status == ConversationStatus.EXPIRED and closed.reward is None
+
+
+async def test_migrations_match_the_models(database: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    def diff() -> list:
+        with database.sync_engine.connect() as connection:
+            return compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+
+    assert await asyncio.to_thread(diff) == []
+    with database.sync_engine.connect() as connection:
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0001"
+
+
+def test_unavailable_error_names_the_operation() -> None:
+    assert issubclass(DatabaseUnavailableError, RuntimeError)
