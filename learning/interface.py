@@ -1,0 +1,50 @@
+"""What the rest of Reverie sees of a policy: a history of messages in, one agent reply out.
+
+Every kind of policy (prompted base model, BC, filtered BC, token-level ILQL, utterance-level ILQL)
+implements :class:`Policy`, so the bot, the evaluator and the improvement loop never care which it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+Speaker = Literal["user", "agent"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One utterance of a dialogue as a policy sees it."""
+
+    role: Speaker
+    text: str
+
+
+History = Sequence[Message]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A dialogue agent.
+
+    ``respond_batch`` is the batched, blocking call (evaluation, benchmarks); ``respond`` is the one the
+    bot awaits: concurrent calls are micro-batched into one ``respond_batch`` off the event loop.
+    """
+
+    #: ``PolicyVersion.id`` in storage, or ``None`` for the untrained prompted base model.
+    version_id: int | None
+    #: A short label for logs and reports, e.g. ``"base"``, ``"ilql#4"``.
+    name: str
+
+    def respond_batch(self, histories: Sequence[History], *, seed: int | None = None) -> list[str]:
+        """One agent reply per history (each history ends with a user message or is empty)."""
+        ...
+
+    async def respond(self, history: History) -> str:
+        """One agent reply, awaitable; concurrent calls share batched generation."""
+        ...
+
+    def close(self) -> None:
+        """Stop background workers and free memory; further calls raise."""
+        ...
