@@ -61,6 +61,56 @@ class DialogueRecord:
     platform: str = ""
     ended_at: datetime | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: one line of ``reverie dialogues export --format jsonl``."""
+        return {
+            "id": self.id,
+            "source": self.source,
+            "task": self.task,
+            "reward": self.reward,
+            "persona": self.persona,
+            "meta": self.meta,
+            "platform": self.platform,
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+            "turns": [{"role": t.role, "text": t.text, "thumbs": t.thumbs} for t in self.turns],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DialogueRecord:
+        """Parse :meth:`to_dict` output (or a user's own JSONL line); :class:`StoreError` names the problem."""
+        if not isinstance(data, dict):
+            raise StoreError("a dialogue must be a JSON object")
+        turns = data.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise StoreError("a dialogue needs a non-empty 'turns' list")
+        parsed: list[TurnRecord] = []
+        for position, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("text"), str):
+                raise StoreError(f"turn {position}: needs 'role' and a string 'text'")
+            thumbs = turn.get("thumbs")
+            parsed.append(
+                TurnRecord(
+                    role=_validate_role(turn.get("role", "")),
+                    text=turn["text"],
+                    thumbs=None if thumbs is None else float(thumbs),
+                )
+            )
+        reward = data.get("reward")
+        if reward is not None and not isinstance(reward, int | float):
+            raise StoreError(f"'reward' must be a number or null, not {reward!r}")
+        ended = data.get("ended_at")
+        return cls(
+            id=data.get("id"),
+            source=str(data.get("source", Source.IMAGINED)),
+            task=str(data.get("task", "")),
+            turns=tuple(parsed),
+            reward=None if reward is None else float(reward),
+            persona=data.get("persona"),
+            meta=dict(data.get("meta") or {}),
+            platform=str(data.get("platform", "")),
+            ended_at=datetime.fromisoformat(ended) if isinstance(ended, str) else None,
+        )
+
 
 def _validate_role(role: str) -> str:
     if role not in (Role.USER, Role.AGENT):

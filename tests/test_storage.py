@@ -230,3 +230,23 @@ async def test_migrations_match_the_models(database: Database) -> None:
 
 def test_unavailable_error_names_the_operation() -> None:
     assert issubclass(DatabaseUnavailableError, RuntimeError)
+
+
+async def test_dialogue_records_round_trip_through_json(store: Store) -> None:
+    import json
+
+    from storage import DialogueRecord
+
+    await _chat(store, "telegram:9")
+    [record] = await store.dialogues_for_training()
+    again = DialogueRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert again.turns[1].text == "Try the Louvre!" and again.turns[1].thumbs == 1.0
+    assert again.reward == 1.0 and again.ended_at == record.ended_at
+    for bad, message in [
+        ({}, "turns"),
+        ({"turns": [{"role": "bot", "text": "x"}]}, "role"),
+        ({"turns": [{"role": "user"}]}, "text"),
+        ({"turns": [{"role": "user", "text": "x"}], "reward": "high"}, "reward"),
+    ]:
+        with pytest.raises(StoreError, match=message):
+            DialogueRecord.from_dict(bad)
