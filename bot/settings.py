@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     telegram_base_url: str | None = Field(default=None, description="Bot API base URL (self-hosted/test).")
     discord_token: SecretStr | None = None
     discord_guild_id: int | None = Field(default=None, description="Sync slash commands to this guild instantly.")
-    admin_ids: list[str] = Field(
+    admin_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Admins as 'platform:user_id' (e.g. telegram:123, discord:456, console:local).",
     )

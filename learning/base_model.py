@@ -130,7 +130,7 @@ def load_base_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise BaseModelError(f"cannot load base model {name!r} from {path}: {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
