@@ -1,0 +1,1 @@
+"""Platform adapters: each translates one chat platform's events into DialogueService calls."""
