@@ -1,0 +1,63 @@
+"""Child steps: failure reporting, time limits and cancellation end the whole process group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.subprocesses import StepFailedError, run_step
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_success_and_failure_with_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "step.log"
+    await run_step("ok", [sys.executable, "-c", "print('hello')"], log_path=log, time_limit_s=30)
+    assert "hello" in log.read_text()
+    with pytest.raises(StepFailedError, match=r"exit 3[\s\S]*bad data"):
+        await run_step(
+            "bad", [sys.executable, "-c", "import sys; print('bad data'); sys.exit(3)"], log_path=log, time_limit_s=30
+        )
+
+
+async def test_time_limit_kills_children_too(tmp_path: Path) -> None:
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time;"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    with pytest.raises(StepFailedError, match="time limit"):
+        await run_step("slow", [sys.executable, "-c", script], log_path=tmp_path / "l", time_limit_s=2, grace_s=1)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(grandchild):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+async def test_cancellation_terminates_the_step(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    task = asyncio.create_task(
+        run_step("long", [sys.executable, "-c", script], log_path=tmp_path / "l", time_limit_s=60, grace_s=1)
+    )
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not _alive(int(pid_file.read_text()))
