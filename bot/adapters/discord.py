@@ -1,0 +1,435 @@
+"""Discord adapter: translates discord.py events into :class:`~bot.service.DialogueService` calls.
+
+Nothing here decides what to say. The adapter
+
+* registers the service's commands as slash commands (``app_commands``), synced to ``discord_guild_id`` when set
+  (instant) or globally (may take up to an hour to appear);
+* answers plain messages in DMs and when the bot is mentioned, so the privileged message-content intent is not
+  needed (Discord still delivers the content of DMs and mentions);
+* attaches 👍/👎 buttons to each agent reply as :class:`FeedbackButton` (a ``DynamicItem``), so clicks work after a
+  restart without any stored view;
+* acknowledges interactions within Discord's 3-second window: when the service has not answered after
+  :data:`DEFER_AFTER_S`, the interaction is deferred ("thinking…") and answered with follow-ups.
+
+Start it with :func:`run_discord`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+import discord
+from discord import app_commands
+
+from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, Reply, encode_feedback
+from bot.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.service import DialogueService
+
+_log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+#: Longest message Discord accepts.
+TEXT_LIMIT = PLATFORM_TEXT_LIMITS[PLATFORM]
+#: Feedback button custom ids, the same data as :func:`bot.events.encode_feedback`.
+FEEDBACK_TEMPLATE = r"fb:(?P<turn_id>\d+):(?P<vote>up|down)"
+#: Discord drops an interaction not acknowledged within 3 s; defer when the service takes longer than this.
+DEFER_AFTER_S = 2.0
+#: What a user sees when handling their event failed (details go to the log).
+ERROR_TEXT = "Sorry, something went wrong on my side and I could not answer that. Please try again in a moment."
+#: Answer to an interaction for which the service had nothing to say (Discord requires some response).
+EMPTY_ANSWER_TEXT = "Done."
+
+_FEEDBACK_PATTERN = re.compile(FEEDBACK_TEMPLATE)
+_RANGE_ARGUMENT = re.compile(r"^\[?(-?\d+)\s*-\s*(-?\d+)\]?$")
+_WORD_ARGUMENT = re.compile(r"^\[?([a-z][a-z0-9_-]{0,31})\]?$")
+
+CommandRunner = Callable[[discord.Interaction, str, str], Awaitable[None]]
+
+
+# --- translation helpers ---------------------------------------------------------------------------
+
+
+def chat_from_interaction(interaction: discord.Interaction) -> ChatRef:
+    """The :class:`ChatRef` of whoever triggered ``interaction`` where they did it."""
+    return ChatRef(
+        platform=PLATFORM,
+        chat_id=str(interaction.channel_id),
+        user_id=str(interaction.user.id),
+        user_name=interaction.user.display_name,
+        is_group=interaction.guild_id is not None,
+    )
+
+
+def chat_from_message(message: discord.Message) -> ChatRef:
+    """The :class:`ChatRef` of a message's author in its channel."""
+    return ChatRef(
+        platform=PLATFORM,
+        chat_id=str(message.channel.id),
+        user_id=str(message.author.id),
+        user_name=message.author.display_name,
+        is_group=message.guild is not None,
+    )
+
+
+def strip_mention(content: str, bot_id: int) -> str:
+    """``content`` without mentions of the bot (``<@id>`` and the legacy ``<@!id>``), trimmed."""
+    return re.sub(rf"<@!?{bot_id}>", " ", content).strip()
+
+
+def split_for_discord(text: str, limit: int = TEXT_LIMIT) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters (the service already chunks; this is a safety net)."""
+    return [text[start : start + limit] for start in range(0, len(text), limit)] or [""]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One Discord message to send: a chunk of a :class:`Reply`, with buttons on the reply's last chunk."""
+
+    text: str
+    private: bool
+    turn_id: int | None  # set on the last chunk of an agent reply: gets 👍/👎
+
+    def view(self) -> discord.ui.View | None:
+        """The 👍/👎 buttons for this message, if it shows an agent turn."""
+        return feedback_view(self.turn_id) if self.turn_id is not None else None
+
+
+def outgoing_messages(replies: list[Reply]) -> list[OutgoingMessage]:
+    """Flatten replies into Discord messages, buttons on the last chunk of each agent reply."""
+    messages: list[OutgoingMessage] = []
+    for reply in replies:
+        pieces = [piece for chunk in reply.chunks for piece in split_for_discord(chunk) if piece.strip()]
+        for index, piece in enumerate(pieces):
+            is_last = index == len(pieces) - 1
+            messages.append(OutgoingMessage(piece, reply.private, reply.turn_id if is_last else None))
+    return messages
+
+
+# --- feedback buttons ------------------------------------------------------------------------------
+
+
+class FeedbackButton(discord.ui.DynamicItem[discord.ui.Button], template=FEEDBACK_TEMPLATE):
+    """A 👍 or 👎 button for one agent turn; its custom id carries all its state, so it survives restarts."""
+
+    def __init__(self, turn_id: int, thumbs_up: bool) -> None:
+        super().__init__(
+            discord.ui.Button(
+                emoji="👍" if thumbs_up else "👎",
+                style=discord.ButtonStyle.secondary,
+                custom_id=encode_feedback(turn_id, thumbs_up),
+            )
+        )
+        self.turn_id = turn_id
+        self.thumbs_up = thumbs_up
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> FeedbackButton:
+        """Rebuild the button from a click on any message (also one sent before a restart)."""
+        return cls(int(match["turn_id"]), match["vote"] == "up")
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        """Record the vote through the service and show its toast to the clicker only."""
+        client = interaction.client
+        if isinstance(client, ReverieDiscordClient):
+            await client.answer_feedback(interaction, self.custom_id)
+
+
+def feedback_view(turn_id: int) -> discord.ui.View:
+    """A view with the 👍 and 👎 buttons for ``turn_id`` (no timeout: the buttons are handled dynamically)."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(FeedbackButton(turn_id, True))
+    view.add_item(FeedbackButton(turn_id, False))
+    return view
+
+
+# --- slash commands --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlashOption:
+    """How a :class:`CommandInfo` argument becomes one slash-command option."""
+
+    name: str
+    annotation: Any
+    description: str
+    required: bool
+
+
+def slash_option(info: CommandInfo) -> SlashOption | None:
+    """The option for ``info.argument``, ``None`` without one.
+
+    ``"a-b"`` → an integer from a to b (required, like ``/rate 1-5``); choices (``info.choices`` or ``"x|y"``) →
+    string choices (optional, like ``/end [good|bad]``); a word like ``"text"`` → required free text under that
+    name. An argument written in brackets (``"[text]"``) is optional.
+    """
+    argument = (info.argument or "").strip()
+    optional = argument.startswith("[")
+    if range_match := _RANGE_ARGUMENT.fullmatch(argument):
+        low, high = int(range_match.group(1)), int(range_match.group(2))
+        ranged = app_commands.Range[int, low, high]
+        return SlashOption("score", Optional[ranged] if optional else ranged, f"{low} to {high}", not optional)  # noqa: UP045
+    choices = info.choices or tuple(part.strip() for part in argument.strip("[]").split("|") if part.strip())
+    if len(choices) > 1 or info.choices:
+        literal = Literal.__getitem__(tuple(choices))  # Literal[...] becomes Discord string choices
+        return SlashOption("choice", Optional[literal], "One of: " + ", ".join(choices), required=False)  # noqa: UP045
+    if not argument:
+        return None
+    word = _WORD_ARGUMENT.fullmatch(argument)
+    name = word.group(1).replace("-", "_") if word else "text"
+    return SlashOption(name, Optional[str] if optional else str, argument.strip("[]")[:100], not optional)  # noqa: UP045
+
+
+def build_slash_command(info: CommandInfo, run: CommandRunner) -> app_commands.Command:
+    """A slash command for ``info`` whose callback calls ``run(interaction, name, argument_text)``."""
+    option = slash_option(info)
+
+    async def callback(interaction: discord.Interaction, **options: Any) -> None:
+        value = options.get(option.name) if option else None
+        await run(interaction, info.name, "" if value is None else str(value))
+
+    # app_commands reads the options from the callback's signature; build it from the CommandInfo.
+    parameters = [
+        inspect.Parameter("interaction", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=discord.Interaction)
+    ]
+    if option is not None:
+        parameters.append(
+            inspect.Parameter(
+                option.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=option.annotation,
+                default=inspect.Parameter.empty if option.required else None,
+            )
+        )
+        callback.__discord_app_commands_param_description__ = {option.name: option.description}  # type: ignore[attr-defined]
+    callback.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    description = (info.description or info.name)[:100]
+    return app_commands.Command(name=info.name, description=description, callback=callback)
+
+
+# --- the client ------------------------------------------------------------------------------------
+
+
+class ReverieDiscordClient(discord.Client):
+    """A discord.py client that serves one :class:`DialogueService`."""
+
+    def __init__(self, service: DialogueService, settings: Settings, *, defer_after_s: float = DEFER_AFTER_S) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = False  # privileged; DMs and mentions carry content without it
+        # The model's text must never ping @everyone, roles or users.
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        self.service = service
+        self.settings = settings
+        self.defer_after_s = defer_after_s
+        self.command_guild = discord.Object(id=settings.discord_guild_id) if settings.discord_guild_id else None
+        self.tree = app_commands.CommandTree(self)
+        self.tree.on_error = self._on_app_command_error  # type: ignore[method-assign]
+        self._command_names = {info.name for info in service.commands}
+        for info in service.commands:
+            self.tree.add_command(build_slash_command(info, self.answer_command), guild=self.command_guild)
+
+    async def setup_hook(self) -> None:
+        """Listen for feedback buttons of any message and register the slash commands."""
+        self.add_dynamic_items(FeedbackButton)
+        where = f"guild {self.command_guild.id}" if self.command_guild else "all guilds (global, may take a while)"
+        try:
+            synced = await self.tree.sync(guild=self.command_guild)
+        except discord.HTTPException as error:
+            # Without synced commands the bot still answers DMs and mentions; say what to fix.
+            _log.error(
+                "Discord: could not register slash commands for %s (%s %s); "
+                "is the bot invited with the applications.commands scope?",
+                where,
+                error.status,
+                error.text,
+            )
+        else:
+            _log.info("Discord: %d slash commands registered for %s", len(synced), where)
+
+    async def on_ready(self) -> None:
+        """Log who we are connected as."""
+        _log.info(
+            "Discord: connected as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds)
+        )
+
+    # --- plain messages ---------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Answer DMs and messages that mention the bot; ignore everything else (and other bots)."""
+        me = self.user
+        if me is None or message.author.bot or message.author.id == me.id:
+            return
+        is_dm = message.guild is None
+        if not is_dm and not any(user.id == me.id for user in message.mentions):
+            return
+        text = strip_mention(message.content, me.id)
+        chat = chat_from_message(message)
+        try:
+            async with message.channel.typing():
+                replies = await self._replies_for_text(chat, text)
+        except Exception:
+            _log.exception("Discord: handling a message in channel %s failed", message.channel.id)
+            replies = [Reply(chunks=(ERROR_TEXT,), is_error=True)]
+        await self._send_to_channel(message, replies)
+
+    async def _replies_for_text(self, chat: ChatRef, text: str) -> list[Reply]:
+        # Typed "/name arg" (e.g. in a DM where slash commands are not synced) runs the command too.
+        if text.startswith("/"):
+            name, _, argument = text[1:].partition(" ")
+            if name.lower() in self._command_names:
+                return await self.service.handle_command(chat, name.lower(), argument.strip())
+        return await self.service.handle_message(chat, text)
+
+    async def _send_to_channel(self, message: discord.Message, replies: list[Reply]) -> None:
+        for index, outgoing in enumerate(outgoing_messages(replies)):
+            kwargs: dict[str, Any] = {}
+            if view := outgoing.view():
+                kwargs["view"] = view
+            if index == 0 and message.guild is not None:
+                # In a busy channel, show which message is being answered (without pinging its author).
+                kwargs["reference"] = message.to_reference(fail_if_not_exists=False)
+            try:
+                await message.channel.send(outgoing.text, **kwargs)
+            except discord.HTTPException as error:
+                _log.error("Discord: sending to channel %s failed: %s %s", message.channel.id, error.status, error.text)
+                return
+
+    # --- interactions -----------------------------------------------------------------------------
+
+    async def answer_command(self, interaction: discord.Interaction, name: str, argument: str) -> None:
+        """Run ``/name argument`` through the service and answer the interaction."""
+        chat = chat_from_interaction(interaction)
+        await self._answer(interaction, self.service.handle_command(chat, name, argument), defer_ephemeral=False)
+
+    async def answer_feedback(self, interaction: discord.Interaction, data: str) -> None:
+        """Pass a button click's data to the service; the toast goes to the clicker only."""
+        chat = chat_from_interaction(interaction)
+
+        async def toast() -> list[Reply]:
+            return [Reply(chunks=(await self.service.handle_feedback(chat, data),), private=True)]
+
+        await self._answer(interaction, toast(), defer_ephemeral=True)
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Answer clicks on components that are not our feedback buttons (forged or stale ids) clearly."""
+        if interaction.type is not discord.InteractionType.component:
+            return
+        custom_id = str((interaction.data or {}).get("custom_id", ""))
+        if _FEEDBACK_PATTERN.fullmatch(custom_id) is None:
+            await self.answer_feedback(interaction, custom_id)
+
+    async def _answer(
+        self, interaction: discord.Interaction, work: Coroutine[Any, Any, list[Reply]], *, defer_ephemeral: bool
+    ) -> None:
+        task = asyncio.ensure_future(work)
+        deferred = False
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.defer_after_s)
+            if not done:
+                await interaction.response.defer(thinking=True, ephemeral=defer_ephemeral)
+                deferred = True
+            replies = await task
+        except Exception:
+            _log.exception("Discord: handling interaction %s failed", interaction.id)
+            replies = [Reply(chunks=(ERROR_TEXT,), private=True, is_error=True)]
+        finally:
+            if not task.done():
+                task.cancel()
+        try:
+            await self._send_interaction_replies(
+                interaction, replies, deferred=deferred, deferred_ephemeral=defer_ephemeral
+            )
+        except discord.HTTPException as error:
+            _log.error("Discord: answering interaction %s failed: %s %s", interaction.id, error.status, error.text)
+
+    async def _send_interaction_replies(
+        self, interaction: discord.Interaction, replies: list[Reply], *, deferred: bool, deferred_ephemeral: bool
+    ) -> None:
+        messages = outgoing_messages(replies) or [OutgoingMessage(EMPTY_ANSWER_TEXT, True, None)]
+        first, rest = messages[0], messages[1:]
+        first_view = first.view()
+        if not interaction.response.is_done():
+            kwargs: dict[str, Any] = {"ephemeral": first.private}
+            if first_view is not None:
+                kwargs["view"] = first_view
+            await interaction.response.send_message(first.text, **kwargs)
+        elif deferred and first.private == deferred_ephemeral:
+            # The "thinking…" message becomes the first answer.
+            await interaction.edit_original_response(content=first.text, view=first_view)
+        else:
+            # The deferred message's visibility was fixed when deferring: replace it.
+            if deferred:
+                await interaction.delete_original_response()
+            rest = [first, *rest]
+        for outgoing in rest:
+            kwargs = {"ephemeral": outgoing.private}
+            if view := outgoing.view():
+                kwargs["view"] = view
+            await interaction.followup.send(outgoing.text, **kwargs)
+
+    async def _on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """Errors raised around a slash command (bad option values, our callback): log, answer clearly."""
+        original = getattr(error, "original", error)
+        if isinstance(error, app_commands.TransformerError | app_commands.CommandNotFound):
+            _log.warning("Discord: refused interaction %s: %s", interaction.id, error)
+            text = f"I could not use that: {error}"
+        else:
+            _log.error("Discord: slash command failed", exc_info=original)
+            text = ERROR_TEXT
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as send_error:
+            _log.error("Discord: could not report an error to interaction %s: %s", interaction.id, send_error.status)
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+async def run_discord(
+    service: DialogueService, settings: Settings, stop: asyncio.Event, *, defer_after_s: float = DEFER_AFTER_S
+) -> None:
+    """Serve ``service`` on Discord until ``stop`` is set, then close the connection cleanly.
+
+    ``defer_after_s``: how long an interaction may wait for the service before it is deferred ("thinking…").
+
+    Raises :class:`ValueError` without ``discord_token``, and what ``discord.Client.start`` raises when the bot
+    cannot run at all (:class:`discord.LoginFailure` for a wrong token); transient disconnects are retried.
+    """
+    if settings.discord_token is None:
+        raise ValueError("Discord is not configured: set DISCORD_TOKEN")
+    client = ReverieDiscordClient(service, settings, defer_after_s=defer_after_s)
+    runner = asyncio.create_task(client.start(settings.discord_token.get_secret_value()), name="discord-client")
+    stopper = asyncio.create_task(stop.wait(), name="discord-stop")
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not client.is_closed():
+            await client.close()
+        # After close() the client's connect loop ends by itself; cancel only if it hangs.
+        await asyncio.wait({runner}, timeout=10)
+        if not runner.done():
+            runner.cancel()
+    try:
+        await runner
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+    except Exception as error:
+        _log.error("Discord adapter stopped: %s: %s", type(error).__name__, error)
+        raise
+    _log.info("Discord adapter stopped")

@@ -1,0 +1,258 @@
+"""The Discord adapter through the real discord.py client against a wire-level fake of Discord.
+
+Real parts throughout: discord.py's HTTP client and gateway websocket, the adapter, DialogueService, a Store on
+SQLite and a policy; only Discord itself is the fake in ``tests/fakes/discord_gateway.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from sqlmodel import select
+
+from bot.adapters.discord import run_discord
+from bot.events import encode_feedback
+from bot.policy_holder import PolicyHolder
+from bot.service import DialogueService
+from bot.settings import Settings
+from imagine.task import load_task
+from learning.interface import History
+from storage import Conversation, Feedback, Role, Store
+from tests.fakes.discord_gateway import (
+    CALLBACK_DEFERRED_MESSAGE,
+    MESSAGE_CONTENT_INTENT,
+    FakeDiscord,
+    FakeUser,
+    custom_ids,
+    is_ephemeral,
+)
+
+TASK = load_task("travel")
+ALICE = FakeUser(501, "alice")
+BOB = FakeUser(502, "bob")
+ADMIN = FakeUser(42, "root")
+GUILD_MESSAGES_INTENT, DIRECT_MESSAGES_INTENT = 1 << 9, 1 << 12
+
+
+class EchoPolicy:
+    """A stand-in policy until the tiny-model one lands: answers with what it heard."""
+
+    version_id = None
+    name = "echo"
+
+    def respond_batch(self, histories: Sequence[History], *, seed: int | None = None) -> list[str]:
+        return [f"You said: {history[-1].text}" for history in histories]
+
+    async def respond(self, history: History) -> str:
+        return self.respond_batch([history])[0]
+
+    def close(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def running_bot(
+    fake: FakeDiscord, store: Store, tmp_path: Path, *, guild: bool = True, defer_after_s: float = 2.0
+) -> AsyncIterator[DialogueService]:
+    """The real service served by ``run_discord`` against ``fake``, connected and with commands synced."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path,
+        discord_token=SecretStr(fake.token),
+        discord_guild_id=fake.guild_id if guild else None,
+        admin_ids=[f"discord:{ADMIN.id}"],
+    )
+    holder = PolicyHolder(EchoPolicy())
+    service = DialogueService(store=store, policies=holder, task=TASK, settings=settings)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_discord(service, settings, stop, defer_after_s=defer_after_s))
+    try:
+        await fake.wait_until_ready(fake.guild_id if guild else None)
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 15)
+        await service.shutdown()
+        holder.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        yield server
+
+
+async def conversations_of(store: Store, user: FakeUser) -> list[Conversation]:
+    async with store.database.session() as session:
+        query = select(Conversation).where(Conversation.user_key == f"discord:{user.id}")
+        return list((await session.exec(query)).all())
+
+
+async def all_feedback(store: Store) -> list[Feedback]:
+    async with store.database.session() as session:
+        return list((await session.exec(select(Feedback))).all())
+
+
+async def agent_turn_ids(store: Store, conversation_id: int) -> list[int]:
+    return [turn.id for turn in await store.get_turns(conversation_id) if turn.role == Role.AGENT]
+
+
+def only(items: list[Any]) -> Any:
+    assert len(items) == 1, items
+    return items[0]
+
+
+async def test_conversation_with_slash_commands_mention_button_and_end(
+    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_bot(fake, sqlite_store, tmp_path) as service:
+        # Connected without the privileged intent, commands synced to the configured guild only.
+        assert fake.identify is not None
+        intents = int(fake.identify["intents"])
+        assert not intents & MESSAGE_CONTENT_INTENT
+        assert intents & GUILD_MESSAGES_INTENT and intents & DIRECT_MESSAGES_INTENT
+        sync = only(fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"))
+        assert sorted(command["name"] for command in sync.body) == sorted(c.name for c in service.commands)
+        assert not fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands")
+        by_name = {command["name"]: command for command in sync.body}
+        assert (
+            by_name["rate"]["options"][0] | {"type": 4, "min_value": 1, "max_value": 5, "required": True}
+            == (by_name["rate"]["options"][0])
+        )
+        assert [choice["value"] for choice in by_name["end"]["options"][0]["choices"]] == ["good", "bad"]
+
+        # /start: the opening line, public, with 👍/👎 for its stored turn.
+        start = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "start"))
+        opening = only(start.visible())
+        assert opening["content"] == TASK.opening_line and not is_ephemeral(opening)
+        conversation = only(await conversations_of(sqlite_store, ALICE))
+        opening_turn = only(await agent_turn_ids(sqlite_store, conversation.id))
+        assert custom_ids(opening) == [encode_feedback(opening_turn, True), encode_feedback(opening_turn, False)]
+
+        # A mention in the guild channel: typing, then the reply to the stored turn, text without the mention.
+        await fake.send_user_message(ALICE, "a quiet beach, please", mention_bot=True)
+        [reply] = await fake.wait_for_channel_messages(fake.channel_id, 1)
+        turns = await sqlite_store.get_turns(conversation.id)
+        assert [(turn.role, turn.text) for turn in turns[1:]] == [
+            (Role.USER, "a quiet beach, please"),
+            (Role.AGENT, "You said: a quiet beach, please"),
+        ]
+        assert reply["content"] == "You said: a quiet beach, please"
+        assert custom_ids(reply) == [encode_feedback(turns[2].id, True), encode_feedback(turns[2].id, False)]
+        post = only(fake.calls_to("POST", rf"/channels/{fake.channel_id}/messages"))
+        assert post.body["allowed_mentions"]["parse"] == []
+        typing = fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")
+        assert typing and fake.calls.index(typing[0]) < fake.calls.index(post)
+
+        # 👍 on the reply: recorded on that turn, toast only for the clicker.
+        click = await fake.wait_for_interaction(await fake.click_button(ALICE, reply, custom_ids(reply)[0]))
+        toast = only(click.visible())
+        assert toast["content"] == "Thanks for the 👍!" and is_ephemeral(toast)
+        feedback = only(await all_feedback(sqlite_store))
+        assert (feedback.turn_id, feedback.value, feedback.user_key) == (turns[2].id, 1.0, f"discord:{ALICE.id}")
+
+        # /end good closes the episode with reward 1.
+        end = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "end", {"choice": "good"}))
+        assert "Glad it helped" in only(end.texts()) and is_ephemeral(end.visible()[0])
+        ended = only(await conversations_of(sqlite_store, ALICE))
+        assert (ended.reward, ended.reward_source) == (1.0, "end")
+
+    assert not fake.unknown_calls and not fake.unauthorized_calls
+    assert fake.token not in caplog.text
+
+
+async def test_dm_answered_guild_message_without_mention_ignored_global_sync(
+    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path
+) -> None:
+    async with running_bot(fake, sqlite_store, tmp_path, guild=False) as service:
+        sync = only(fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands"))
+        assert {command["name"] for command in sync.body} == {c.name for c in service.commands}
+        assert not fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/\d+/commands")
+
+        # Without the message-content intent this arrives empty; either way it is not for the bot.
+        await fake.send_user_message(BOB, "anyone around?")
+        await fake.send_user_message(BOB, "hello there", dm=True)
+        dm_channel = fake.dm_channel_id(BOB)
+        opening, answer = await fake.wait_for_channel_messages(dm_channel, 2)
+        assert (opening["content"], answer["content"]) == (TASK.opening_line, "You said: hello there")
+        assert "guild_id" not in answer and len(custom_ids(answer)) == 2
+        assert fake.calls_to("POST", rf"/channels/{dm_channel}/typing")
+        assert fake.channel_id not in fake.channel_messages
+        assert not fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")
+        conversation = only(await conversations_of(sqlite_store, BOB))
+        assert [turn.text for turn in await sqlite_store.get_turns(conversation.id)][1:] == [
+            "hello there",
+            "You said: hello there",
+        ]
+
+        # Global commands work in DMs; /help is only for the caller.
+        help_log = await fake.wait_for_interaction(await fake.run_slash_command(BOB, "help", dm=True))
+        assert "/end" in only(help_log.texts()) and is_ephemeral(help_log.visible()[0])
+    assert not fake.unknown_calls
+
+
+async def test_forget_admin_refusal_and_bad_buttons(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
+    async with running_bot(fake, sqlite_store, tmp_path):
+        await fake.send_user_message(ALICE, "somewhere warm", mention_bot=True)
+        _opening, reply = await fake.wait_for_channel_messages(fake.channel_id, 2)
+
+        # Bob rates Alice's reply: refused clearly, nothing recorded.
+        foreign = await fake.wait_for_interaction(await fake.click_button(BOB, reply, custom_ids(reply)[1]))
+        assert "own conversation" in only(foreign.texts()) and is_ephemeral(foreign.visible()[0])
+
+        # Forged ids: not our pattern (no DynamicItem matches), and our pattern with a turn id out of range.
+        for forged_id in ("fb:abc:up", "fb:1234567890123456789:up"):
+            forged = dict(
+                reply, components=[{"type": 1, "components": [{"type": 2, "style": 2, "custom_id": forged_id}]}]
+            )
+            log = await fake.wait_for_interaction(await fake.click_button(ALICE, forged, forged_id))
+            assert "isn't one of mine" in only(log.texts()) and is_ephemeral(log.visible()[0])
+        assert await all_feedback(sqlite_store) == []
+
+        # A non-admin's /retrain is refused privately; an admin gets past the check.
+        refused = await fake.wait_for_interaction(await fake.run_slash_command(BOB, "retrain"))
+        assert "only for admins" in only(refused.texts()) and is_ephemeral(refused.visible()[0])
+        allowed = await fake.wait_for_interaction(await fake.run_slash_command(ADMIN, "retrain"))
+        assert "only for admins" not in only(allowed.texts())
+
+        # /forget deletes Alice's conversation (and only hers).
+        await fake.send_user_message(BOB, "mountains", dm=True)
+        await fake.wait_for_channel_messages(fake.dm_channel_id(BOB), 2)
+        forget = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "forget"))
+        assert "deleted 1 conversation" in only(forget.texts())
+        assert await conversations_of(sqlite_store, ALICE) == []
+        assert len(await conversations_of(sqlite_store, BOB)) == 1
+    assert not fake.unknown_calls
+
+
+async def test_slow_answers_are_deferred_then_followed_up(
+    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path
+) -> None:
+    async with running_bot(fake, sqlite_store, tmp_path, defer_after_s=0.0):
+        # Public answer: "thinking…" then the original response becomes the opening line with buttons.
+        start = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "start"))
+        assert start.callback_type == CALLBACK_DEFERRED_MESSAGE
+        opening = only(start.visible())
+        assert opening is start.original and opening["content"] == TASK.opening_line and len(custom_ids(opening)) == 2
+        assert fake.calls_to("PATCH", rf"/webhooks/{fake.application_id}/{start.token}/messages/@original")
+
+        # Private answer after a public "thinking…": the public placeholder goes, an ephemeral follow-up comes.
+        rate = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "rate", {"score": 4}))
+        assert rate.callback_type == CALLBACK_DEFERRED_MESSAGE and rate.original_deleted
+        assert "4/5" in only(rate.texts()) and is_ephemeral(rate.visible()[0])
+        conversation = only(await conversations_of(sqlite_store, ALICE))
+        assert (conversation.reward, conversation.reward_source) == (0.75, "rating")
+
+        # A click deferred ephemerally: the toast replaces the private "thinking…".
+        click = await fake.wait_for_interaction(await fake.click_button(ALICE, opening, custom_ids(opening)[1]))
+        assert click.callback_type == CALLBACK_DEFERRED_MESSAGE and is_ephemeral(only(click.visible()))
+        assert "👎" in only(click.texts())
+    assert not fake.unknown_calls
