@@ -26,16 +26,20 @@ from imagine.simulated.behaviour import (
     play_scripted_episode,
     save_scripted_dialogues,
 )
+from imagine.simulated.llm_user import LLM_REWARD_SOURCE, ChatCompleter, LLMUser
 from imagine.simulated.registry import opening_line, scripted_task, scripted_tasks
 
 __all__ = [
     "BEHAVIOURS",
     "DEFAULT_MIX",
+    "LLM_REWARD_SOURCE",
     "SCRIPTED_REWARD_SOURCE",
     "Attribute",
     "Behaviour",
     "BehaviourPolicy",
+    "ChatCompleter",
     "FinalAct",
+    "LLMUser",
     "MessageLike",
     "ScriptedTask",
     "ScriptedUser",

@@ -1,0 +1,491 @@
+"""Evaluate policies against simulated users with hidden personas.
+
+Every policy meets the SAME personas (drawn from ``seed``) and users with the same paraphrase seeds, so
+differences come from the policies. Episodes run in lockstep: one ``policy.respond_batch`` call per agent
+turn across all open episodes, which makes a 200-episode evaluation a handful of batched generations.
+Evaluation episodes can be stored with source ``"evaluation"`` and platform ``"sim"`` (never ``"real"``).
+:func:`learning.report.write_report` turns an :class:`EvaluationReport` into ``report.md`` + ``report.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from imagine.simulated import (
+    LLM_REWARD_SOURCE,
+    SCRIPTED_REWARD_SOURCE,
+    ChatCompleter,
+    LLMUser,
+    SimulatedUser,
+    scripted_task,
+    scripted_tasks,
+    stable_rng,
+)
+from imagine.task import TaskSpec
+from learning.interface import Message, Policy
+from storage import Store
+
+logger = logging.getLogger(__name__)
+
+UserKind = Literal["scripted", "llm"]
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a success rate (95 % by default); ``(0, 1)`` when ``n`` is 0."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    # Exact bounds at the extremes (floating point would leave them a hair inside).
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return (low, high)
+
+
+@dataclass(slots=True)
+class EpisodeResult:
+    """One evaluation episode of one policy."""
+
+    index: int
+    persona: dict[str, Any]
+    persona_type: str
+    turns: list[tuple[str, str]]
+    reward: float
+    outcome: str
+    conversation_id: int | None = None
+
+    @property
+    def success(self) -> bool:
+        """Reward of at least 0.5 (scripted rewards are 0/1)."""
+        return self.reward >= 0.5
+
+    @property
+    def agent_turns(self) -> int:
+        """How many times the agent spoke."""
+        return sum(1 for role, _ in self.turns if role == "agent")
+
+
+@dataclass(slots=True)
+class PolicyResult:
+    """All episodes of one policy, with the summary statistics reports and promotion gates use."""
+
+    name: str
+    version_id: int | None
+    episodes: list[EpisodeResult] = field(default_factory=list)
+    seconds: float = 0.0
+    #: Set when the policy raised: its unfinished episodes scored 0 with outcome ``"policy_error"``.
+    error: str | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of episodes."""
+        return len(self.episodes)
+
+    @property
+    def successes(self) -> int:
+        """Number of successful episodes."""
+        return sum(1 for episode in self.episodes if episode.success)
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of successful episodes."""
+        return self.successes / self.n if self.n else 0.0
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95 % Wilson interval of the success rate."""
+        return wilson_interval(self.successes, self.n)
+
+    @property
+    def mean_reward(self) -> float:
+        """Mean terminal reward."""
+        return sum(e.reward for e in self.episodes) / self.n if self.n else 0.0
+
+    @property
+    def mean_turns(self) -> float:
+        """Mean number of agent turns per episode."""
+        return sum(e.agent_turns for e in self.episodes) / self.n if self.n else 0.0
+
+    def by_persona_type(self) -> dict[str, tuple[int, int]]:
+        """persona type → (successes, episodes), sorted by type."""
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for episode in self.episodes:
+            counts[episode.persona_type][0] += int(episode.success)
+            counts[episode.persona_type][1] += 1
+        return {key: (value[0], value[1]) for key, value in sorted(counts.items())}
+
+    def outcomes(self) -> dict[str, int]:
+        """How episodes ended (``fit``, ``misfit``, ``turn_limit``, ``judged_success`` …) → count."""
+        counts: dict[str, int] = defaultdict(int)
+        for episode in self.episodes:
+            counts[episode.outcome] += 1
+        return dict(sorted(counts.items()))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready metrics, e.g. for ``PolicyVersion.metrics``."""
+        low, high = self.interval
+        return {
+            "name": self.name,
+            "version_id": self.version_id,
+            "episodes": self.n,
+            "success_rate": self.success_rate,
+            "ci_low": low,
+            "ci_high": high,
+            "mean_reward": self.mean_reward,
+            "mean_turns": self.mean_turns,
+            "by_persona_type": {k: {"successes": s, "episodes": n} for k, (s, n) in self.by_persona_type().items()},
+            "outcomes": self.outcomes(),
+            "seconds": self.seconds,
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True)
+class EvaluationReport:
+    """The results of :func:`evaluate`: one :class:`PolicyResult` per policy, same personas for all."""
+
+    task: str
+    users: str
+    seed: int
+    episodes: int
+    results: list[PolicyResult]
+    started_at: datetime
+    finished_at: datetime
+
+    def result(self, name: str) -> PolicyResult:
+        """The result of the policy called ``name``."""
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(f"no policy {name!r} in this report: {[r.name for r in self.results]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no transcripts)."""
+        return {
+            "task": self.task,
+            "users": self.users,
+            "seed": self.seed,
+            "episodes": self.episodes,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
+            "policies": [result.summary() for result in self.results],
+        }
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def evaluation_personas(task: TaskSpec, episodes: int, seed: int) -> list[dict[str, Any]]:
+    """The hidden personas an evaluation uses: the scripted persona space where the task has one."""
+    if task.name in scripted_tasks():
+        return [dict(p) for p in scripted_task(task.name).sample_personas(episodes, seed)]
+    # Tasks without a scripted user: one persona per episode from the task's persona hints.
+    personas = []
+    for index in range(episodes):
+        rng = stable_rng("llm-persona", task.name, seed, index)
+        personas.append({f"trait_{n + 1}": hint for n, hint in enumerate(rng.sample(task.persona_hints, k=1))})
+    return personas
+
+
+def _persona_type(task: TaskSpec, persona: Mapping[str, Any]) -> str:
+    if task.name in scripted_tasks():
+        return scripted_task(task.name).persona_type(persona)
+    return str(next(iter(persona.values()), "unknown"))
+
+
+def _make_users(
+    task: TaskSpec,
+    personas: Sequence[Mapping[str, Any]],
+    users: UserKind,
+    seed: int,
+    backend: ChatCompleter | None,
+    judge: ChatCompleter | None,
+) -> list[SimulatedUser]:
+    if users == "scripted":
+        simulated = scripted_task(task.name)
+        return [
+            simulated.make_user(persona, seed=("eval", seed, index), max_turns=task.max_turns)
+            for index, persona in enumerate(personas)
+        ]
+    if backend is None:
+        raise ValueError("users='llm' needs backend=<a chat backend> (and optionally judge=)")
+    return [
+        LLMUser(backend, task, persona, persona_type=_persona_type(task, persona), judge=judge) for persona in personas
+    ]
+
+
+async def evaluate_async(
+    policies: Sequence[Policy],
+    task: TaskSpec,
+    *,
+    users: UserKind = "scripted",
+    episodes: int = 200,
+    seed: int = 0,
+    store: Store | None = None,
+    progress: bool = True,
+    backend: ChatCompleter | None = None,
+    judge: ChatCompleter | None = None,
+    batch_size: int = 64,
+    max_turns: int | None = None,
+) -> EvaluationReport:
+    """Run every policy for ``episodes`` episodes against the same simulated users; see :func:`evaluate`."""
+    if users not in ("scripted", "llm"):
+        raise ValueError(f"users must be 'scripted' or 'llm', not {users!r}")
+    if users == "scripted" and task.name not in scripted_tasks():
+        raise ValueError(f"task {task.name!r} has no scripted user (have: {', '.join(scripted_tasks())}); use llm")
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    if not policies:
+        raise ValueError("give at least one policy")
+    limit = max_turns or task.max_turns
+    personas = evaluation_personas(task, episodes, seed)
+    started = datetime.now(UTC)
+    results: list[PolicyResult] = []
+    with _progress(progress) as bar:
+        for policy in policies:
+            bar_task = bar.add_task(policy.name, total=episodes)
+            user_list = _make_users(task, personas, users, seed, backend, judge)
+            result = await _run_policy(
+                policy, task, personas, user_list, seed, limit, batch_size, lambda k, t=bar_task: bar.advance(t, k)
+            )
+            results.append(result)
+            if store is not None:
+                await _store_episodes(store, task, result, users, seed)
+    return EvaluationReport(
+        task=task.name,
+        users=users,
+        seed=seed,
+        episodes=episodes,
+        results=results,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+    )
+
+
+def evaluate(
+    policies: Sequence[Policy],
+    task: TaskSpec,
+    *,
+    users: UserKind = "scripted",
+    episodes: int = 200,
+    seed: int = 0,
+    store: Store | None = None,
+    progress: bool = True,
+    backend: ChatCompleter | None = None,
+    judge: ChatCompleter | None = None,
+    batch_size: int = 64,
+    max_turns: int | None = None,
+) -> EvaluationReport:
+    """Evaluate ``policies`` on ``task`` against simulated users with hidden personas (blocking).
+
+    ``users="scripted"`` uses the task's scripted user (objective 0/1 reward; travel and teaching);
+    ``users="llm"`` uses :class:`imagine.simulated.LLMUser` on ``backend``, scored by ``judge`` (default: the
+    same backend). Every policy meets the same ``episodes`` personas drawn from ``seed``. Agent turns are
+    generated with ``policy.respond_batch`` in chunks of ``batch_size`` open episodes, in lockstep; an
+    episode ends when the user ends it or after ``max_turns`` agent turns (default: the task's).
+    With ``store``, each episode is saved (source ``"evaluation"``, platform ``"sim"``). Call from
+    synchronous code; inside an event loop use ``await evaluate_async(...)`` (same arguments).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(
+            evaluate_async(
+                policies,
+                task,
+                users=users,
+                episodes=episodes,
+                seed=seed,
+                store=store,
+                progress=progress,
+                backend=backend,
+                judge=judge,
+                batch_size=batch_size,
+                max_turns=max_turns,
+            )
+        )
+    raise RuntimeError("evaluate() blocks; inside an event loop use `await evaluate_async(...)`")
+
+
+class _Episode:
+    __slots__ = ("history", "index", "outcome", "user")
+
+    def __init__(self, index: int, user: SimulatedUser) -> None:
+        self.index = index
+        self.user = user
+        self.history: list[Message] = []
+        self.outcome: str | None = None
+
+
+async def _run_policy(
+    policy: Policy,
+    task: TaskSpec,
+    personas: Sequence[Mapping[str, Any]],
+    users: Sequence[SimulatedUser],
+    seed: int,
+    max_turns: int,
+    batch_size: int,
+    advance: Any,
+) -> PolicyResult:
+    clock = time.perf_counter()
+    episodes = [_Episode(index, user) for index, user in enumerate(users)]
+    result = PolicyResult(name=policy.name, version_id=policy.version_id)
+    open_episodes = list(episodes)
+    for turn in range(max_turns):
+        if not open_episodes:
+            break
+        try:
+            replies = await _respond_in_chunks(
+                policy, [e.history for e in open_episodes], seed * 1000 + turn, batch_size
+            )
+        except Exception as error:  # a broken policy must not take the other policies' evaluation down
+            logger.exception("policy %s failed at turn %d", policy.name, turn)
+            result.error = f"{type(error).__name__}: {error}"
+            for episode in open_episodes:
+                episode.outcome = "policy_error"
+            advance(len(open_episodes))
+            open_episodes = []
+            break
+        answers = await asyncio.gather(
+            *(e.user.reply(text) for e, text in zip(open_episodes, replies, strict=True)), return_exceptions=True
+        )
+        still_open = []
+        for episode, text, answer in zip(open_episodes, replies, answers, strict=True):
+            episode.history.append(Message("agent", text))
+            if isinstance(answer, BaseException):
+                logger.warning("simulated user failed in episode %d: %s", episode.index, answer)
+                episode.outcome = "user_error"
+                advance(1)
+                continue
+            episode.history.append(Message("user", answer.text))
+            if answer.done:
+                advance(1)
+            else:
+                still_open.append(episode)
+        open_episodes = still_open
+    advance(len(open_episodes))
+    for episode in open_episodes:
+        episode.outcome = "turn_limit"
+    scores = await asyncio.gather(*(e.user.score() for e in episodes), return_exceptions=True)
+    for episode, score in zip(episodes, scores, strict=True):
+        reward = 0.0 if isinstance(score, BaseException) or episode.outcome in ("policy_error", "user_error") else score
+        outcome = episode.outcome or getattr(episode.user, "outcome", None) or "ended"
+        if isinstance(score, BaseException):
+            logger.warning("scoring failed in episode %d: %s", episode.index, score)
+            outcome = "score_error"
+        result.episodes.append(
+            EpisodeResult(
+                index=episode.index,
+                persona=dict(personas[episode.index]),
+                persona_type=episode.user.persona_type,
+                turns=[(m.role, m.text) for m in episode.history],
+                reward=float(reward),
+                outcome=str(outcome),
+            )
+        )
+    result.seconds = time.perf_counter() - clock
+    return result
+
+
+async def _respond_in_chunks(
+    policy: Policy, histories: Sequence[Sequence[Message]], seed: int, batch_size: int
+) -> list[str]:
+    replies: list[str] = []
+    for start in range(0, len(histories), max(1, batch_size)):
+        chunk = histories[start : start + max(1, batch_size)]
+        # respond_batch blocks (model inference): keep the event loop free for LLM users and the bot.
+        chunk_replies = await asyncio.to_thread(policy.respond_batch, chunk, seed=seed + start)
+        if len(chunk_replies) != len(chunk):
+            raise RuntimeError(f"respond_batch returned {len(chunk_replies)} replies for {len(chunk)} histories")
+        replies.extend(str(reply) for reply in chunk_replies)
+    return replies
+
+
+async def _store_episodes(store: Store, task: TaskSpec, result: PolicyResult, users: str, seed: int) -> None:
+    reward_source = SCRIPTED_REWARD_SOURCE if users == "scripted" else LLM_REWARD_SOURCE
+    version_id = await _known_version(store, result.version_id)
+    for episode in result.episodes:
+        if not episode.turns:
+            continue
+        meta = {
+            "evaluation": True,
+            "policy": result.name,
+            "users": users,
+            "seed": seed,
+            "episode": episode.index,
+            "outcome": episode.outcome,
+        }
+        conversation = await store.save_dialogue(
+            source="evaluation",
+            platform="sim",
+            task=task.name,
+            turns=episode.turns,
+            reward=episode.reward,
+            reward_source=reward_source,
+            persona=episode.persona,
+            meta=meta if result.version_id is None else {**meta, "policy_version_id": result.version_id},
+            policy_version_id=version_id,
+        )
+        episode.conversation_id = conversation.id
+
+
+async def _known_version(store: Store, version_id: int | None) -> int | None:
+    # A policy loaded from a checkpoint that this database never registered must not break storing.
+    if version_id is None or await store.get_policy_version(version_id) is None:
+        return None
+    return version_id
+
+
+class _RateColumn(ProgressColumn):
+    """Episodes per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("? ep/s" if speed is None else f"{speed:.1f} ep/s", style="progress.data.speed")
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+__all__ = [
+    "EpisodeResult",
+    "EvaluationReport",
+    "PolicyResult",
+    "evaluate",
+    "evaluate_async",
+    "evaluation_personas",
+    "wilson_interval",
+]
