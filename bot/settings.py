@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     beta: float | None = Field(default=None, description="ILQL advantage weight; default: the checkpoint's.")
 
     # --- imagination ---------------------------------------------------------------------------------
-    imagine_backend: Literal["local", "openai"] = "local"
+    imagine_backend: Literal["local", "openai", "scripted"] = "local"
     openai_base_url: str | None = Field(default=None, description="Any OpenAI-compatible server.")
     openai_api_key: SecretStr | None = None
     openai_model: str = "gpt-4o-mini"

@@ -1,0 +1,400 @@
+"""The improvement loop: imagine → select real → mix → train → evaluate → gate → hot-swap.
+
+One :class:`ImprovementLoop` lives in the serving process. Heavy steps run as child processes
+(:mod:`bot.subprocesses`), so chats stay responsive; every step is recorded in a ``TrainingRun``; a crash, a
+time-out, a cancelled run or a worse candidate leaves the active policy serving. One trainer at a time across
+replicas (:class:`storage.locks.TrainerLock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.policy_holder import PolicyHolder
+from bot.settings import Settings
+from bot.subprocesses import StepFailedError, reverie_command, run_step
+from imagine.task import TaskSpec
+from learning.interface import Policy
+from storage import PolicyStatus, PolicyVersion, RunStatus, Source, Store, TrainingRun
+from storage.locks import TrainerLock
+
+logger = logging.getLogger(__name__)
+
+#: Tasks with scripted simulated users; other tasks are evaluated by LLM-driven users.
+SCRIPTED_EVALUATION_TASKS = frozenset({"travel", "teaching"})
+
+
+class ImprovementBusyError(RuntimeError):
+    """Another improvement run holds the trainer lock (here or in another replica)."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a candidate replaces the active policy, and why."""
+
+    promote: bool
+    candidate_success: float
+    active_success: float
+    margin: float
+
+    @property
+    def reason(self) -> str:
+        """One line for logs, ``/status`` and the run record."""
+        verb = "promoted" if self.promote else "rejected"
+        return (
+            f"{verb}: candidate success {self.candidate_success:.1%} vs active {self.active_success:.1%} "
+            f"(margin {self.margin:.1%})"
+        )
+
+
+def gate(candidate_success: float, active_success: float, margin: float) -> GateDecision:
+    """Promote unless the candidate is worse than the active policy by more than ``margin``."""
+    return GateDecision(candidate_success >= active_success - margin, candidate_success, active_success, margin)
+
+
+def _success_rates(report_path: Path) -> list[float]:
+    """Success rate of each evaluated policy, in the order they were given to ``reverie eval``."""
+    try:
+        report = json.loads(report_path.read_text())
+        return [float(entry["success_rate"]) for entry in report["policies"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StepFailedError(f"evaluation report {report_path} is missing or malformed: {error}") from error
+
+
+class ImprovementLoop:
+    """Runs improvement runs and serves the admin commands (implements :class:`bot.events.Improver`).
+
+    ``load_policy(path_or_"base", version_id)`` loads a policy for serving (blocking; run in a worker thread);
+    without a ``holder`` (the CLI) nothing is served and nothing is swapped.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        settings: Settings,
+        task: TaskSpec,
+        holder: PolicyHolder | None = None,
+        load_policy: Callable[[str, int | None], Policy] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.task = task
+        self.holder = holder
+        self.load_policy = load_policy
+        self.lock = TrainerLock(store.database)
+        self._task: asyncio.Task[TrainingRun | None] | None = None
+        self.next_run_time: Callable[[], Any] | None = None  # set by the server when a schedule exists
+        #: Called with each step's name as it starts (the CLI shows it); must not block.
+        self.on_step: Callable[[str], None] = lambda step: None
+
+    # --- the Improver protocol -------------------------------------------------------------------------
+
+    async def request_run(self, *, trigger: str, requested_by: str) -> str:
+        """Start a run in the background unless one is going; returns a message for the admin."""
+        if self.running:
+            return "An improvement run is already in progress; /status shows it."
+        self._task = asyncio.create_task(self._run_logged(trigger), name=f"improvement-{trigger}")
+        logger.info("improvement run requested by %s (%s)", requested_by, trigger)
+        return "Improvement run started: imagine → train → evaluate → gate. /status shows progress."
+
+    async def rollback(self, *, requested_by: str) -> str:
+        """Serve the previously active version again (or the base model if there is none)."""
+        target = await self.store.rollback_target()
+        active = await self.store.active_policy_version()
+        if target is None:
+            if active is None:
+                return "Nothing to roll back: the prompted base model is serving."
+            await self._swap_in(None, "base")
+            await self.store.deactivate_all()
+            logger.info("rollback by %s: version %s → base model", requested_by, active.id)
+            return f"Rolled back from version {active.id} to the prompted base model."
+        await self._swap_in(target.path, target.id)
+        await self.store.activate_policy_version(target.id)
+        if active is not None:  # a rolled-back version must not come back by the next rollback
+            await self.store.set_policy_status(active.id, PolicyStatus.REJECTED, metrics={"rolled_back": True})
+        logger.info("rollback by %s: version %s → %s", requested_by, active.id if active else None, target.id)
+        return f"Rolled back to version {target.id} ({target.algorithm})."
+
+    async def status_lines(self) -> list[str]:
+        """Active version, last run, next scheduled run."""
+        active = await self.store.active_policy_version()
+        lines = [
+            f"Active policy: version {active.id} ({active.algorithm}, {_metrics_summary(active.metrics)})"
+            if active
+            else "Active policy: prompted base model (no trained version yet)"
+        ]
+        last = await self.store.last_training_run()
+        if last is not None:
+            detail = last.error.splitlines()[0][:200] if last.error else last.metrics.get("decision", "")
+            lines.append(
+                f"Last run #{last.id} ({last.trigger}): {last.status}, started {last.started_at:%Y-%m-%d %H:%M} UTC"
+                + (f" — {detail}" if detail else "")
+            )
+        else:
+            lines.append("No improvement run yet.")
+        if self.running:
+            lines.append("A run is in progress now.")
+        if self.next_run_time is not None and (when := self.next_run_time()) is not None:
+            lines.append(f"Next scheduled run: {when:%Y-%m-%d %H:%M} UTC")
+        return lines
+
+    async def sync_active(self) -> bool:
+        """Serve what the database says is active (a CLI ``activate``, another replica's promotion).
+
+        Returns whether a swap happened. A version whose checkpoint cannot be loaded is left alone and logged.
+        """
+        if self.holder is None:
+            return False
+        active = await self.store.active_policy_version()
+        wanted = active.id if active is not None else None
+        if wanted == self.holder.version_id:
+            return False
+        try:
+            await self._swap_in(active_source(active) if active else None, wanted)
+        except Exception as error:  # keep serving the current policy
+            logger.error("cannot load active policy version %s: %s", wanted, error)
+            return False
+        return True
+
+    # --- running ---------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether this process has a run going."""
+        return self._task is not None and not self._task.done()
+
+    async def wait(self) -> TrainingRun | None:
+        """Wait for the background run (if any) and return its record."""
+        if self._task is None:
+            return None
+        return await asyncio.shield(self._task)
+
+    async def shutdown(self) -> None:
+        """Cancel a run in progress: its child process ends, the run is recorded as cancelled."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run_logged(self, trigger: str) -> TrainingRun | None:
+        try:
+            return await self.run_once(trigger=trigger)
+        except ImprovementBusyError as error:
+            logger.info("%s", error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the run is recorded as failed already; keep the server alive
+            logger.exception("improvement run failed")
+        return None
+
+    async def run_once(self, *, trigger: str) -> TrainingRun:
+        """One whole improvement run; returns its final record. The active policy is untouched on failure."""
+        if not await self.lock.acquire():
+            raise ImprovementBusyError("another improvement run holds the trainer lock; skipping this one")
+        settings = self.settings
+        try:
+            config = {
+                "task": self.task.name,
+                "algo": settings.improve_algo,
+                "steps": settings.improve_steps,
+                "imagined": settings.improve_imagined,
+                "backend": settings.imagine_backend,
+                "real_ratio": settings.improve_real_ratio,
+                "eval_episodes": settings.improve_eval_episodes,
+                "margin": settings.improve_margin,
+                "from": settings.improve_from,
+                "base_model": settings.base_model,
+            }
+            run = await self.store.start_training_run(trigger=trigger, config=config)
+            run_dir = settings.data_dir / "runs" / f"run-{run.id}"
+            candidate_dir = run_dir / "candidate"
+            try:
+                return await self._steps(run, run_dir, candidate_dir)
+            except asyncio.CancelledError:
+                shutil.rmtree(candidate_dir, ignore_errors=True)
+                await asyncio.shield(
+                    self.store.update_training_run(run.id, status=RunStatus.CANCELLED, error="cancelled")
+                )
+                raise
+            except Exception as error:
+                shutil.rmtree(candidate_dir, ignore_errors=True)
+                logger.warning("improvement run %s failed: %s", run.id, error)
+                return await self.store.update_training_run(
+                    run.id, status=RunStatus.FAILED, error=f"{type(error).__name__}: {error}"
+                )
+        finally:
+            await self.lock.release()
+
+    async def _steps(self, run: TrainingRun, run_dir: Path, candidate_dir: Path) -> TrainingRun:
+        settings, task = self.settings, self.task
+        time_limit_s = settings.improve_time_limit_minutes * 60
+        started = time.monotonic()
+        common = ["--base-model", settings.base_model]
+        seed = str(run.id)
+
+        def remaining() -> float:
+            return max(1.0, time_limit_s - (time.monotonic() - started))
+
+        self.on_step("imagine")
+        # 1. Imagine fresh dialogues (they land in the database as source="imagined").
+        if settings.improve_imagined > 0:
+            await run_step(
+                "imagine",
+                reverie_command(
+                    "imagine",
+                    "--task",
+                    task.name,
+                    "--n",
+                    str(settings.improve_imagined),
+                    "--backend",
+                    settings.imagine_backend,
+                    "--seed",
+                    seed,
+                ),
+                log_path=run_dir / "imagine.log",
+                time_limit_s=remaining(),
+            )
+
+        self.on_step("select")
+        # 2. Select: imagined dialogues of the task, plus real ones rewarded since the last run.
+        since = await self.store.last_successful_run_time()
+        imagined = await self.store.dialogues_for_training(sources=[Source.IMAGINED], task=task.name)
+        real = await self.store.dialogues_for_training(sources=[Source.REAL], task=task.name, since=since)
+        if not imagined and not real:
+            raise StepFailedError("no training dialogues: imagination produced none and no real ones are rated")
+        dialogues_path = run_dir / "dialogues.jsonl"
+        dialogues_path.write_text("".join(json.dumps(d.to_dict()) + "\n" for d in [*imagined, *real]))
+        run = await self.store.update_training_run(run.id, n_imagined=len(imagined), n_real=len(real))
+
+        self.on_step("train")
+        # 3. Train a candidate (mixing at the configured ratio happens in the trainer's sampler).
+        active = await self.store.active_policy_version()
+        train_args = [
+            "train",
+            "--algo",
+            settings.improve_algo,
+            "--task",
+            task.name,
+            "--dialogues",
+            str(dialogues_path),
+            "--real-ratio",
+            str(settings.improve_real_ratio),
+            "--steps",
+            str(settings.improve_steps),
+            "--out",
+            str(candidate_dir),
+            "--seed",
+            seed,
+            *common,
+        ]
+        if settings.improve_from == "active" and active is not None and Path(active.path).is_dir():
+            train_args += ["--init-from", active.path]
+        await run_step("train", reverie_command(*train_args), log_path=run_dir / "train.log", time_limit_s=remaining())
+
+        self.on_step("evaluate")
+        # 4. Evaluate candidate and active policy on the same simulated users.
+        from learning.checkpoint import verify_checkpoint  # import late: the server starts faster
+
+        sha256 = await asyncio.to_thread(verify_checkpoint, candidate_dir)  # a corrupt candidate stops here
+        eval_dir = run_dir / "evaluation"
+        users = "scripted" if task.name in SCRIPTED_EVALUATION_TASKS else "llm"
+        await run_step(
+            "evaluate",
+            reverie_command(
+                "eval",
+                "--task",
+                task.name,
+                "--policy",
+                str(candidate_dir),
+                "--policy",
+                active.path if active is not None else "base",
+                "--users",
+                users,
+                "--episodes",
+                str(settings.improve_eval_episodes),
+                "--seed",
+                seed,
+                "--out",
+                str(eval_dir),
+                *common,
+            ),
+            log_path=run_dir / "evaluate.log",
+            time_limit_s=remaining(),
+        )
+        candidate_success, active_success = _success_rates(eval_dir / "report.json")[:2]
+        decision = gate(candidate_success, active_success, settings.improve_margin)
+
+        self.on_step("gate")
+        # 5. Gate: register the candidate, promote and hot-swap it only if it is not worse.
+        final_dir = settings.checkpoints_dir / f"v-run{run.id}"
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        candidate_dir.rename(final_dir)
+        version = await self.store.register_policy_version(
+            path=str(final_dir.resolve()),
+            sha256=sha256,
+            base_model=settings.base_model,
+            algorithm=settings.improve_algo,
+            metrics={"success_rate": candidate_success, "active_success_rate": active_success, "run_id": run.id},
+            parent_id=active.id if active else None,
+        )
+        metrics = {
+            "candidate_success": candidate_success,
+            "active_success": active_success,
+            "decision": decision.reason,
+            "duration_s": round(time.monotonic() - started, 1),
+        }
+        if decision.promote:
+            await self._swap_in(str(final_dir), version.id)
+            await self.store.activate_policy_version(version.id)
+            status = RunStatus.SUCCEEDED
+        else:
+            await self.store.set_policy_status(version.id, PolicyStatus.REJECTED)
+            status = RunStatus.REJECTED
+        logger.info("improvement run %s: %s", run.id, decision.reason)
+        await self._prune()
+        return await self.store.update_training_run(
+            run.id, status=status, candidate_version_id=version.id, metrics=metrics
+        )
+
+    async def _swap_in(self, path: str | None, version_id: int | str | None) -> None:
+        """Load a policy off the event loop and make it serve the next turns."""
+        if self.holder is None or self.load_policy is None:
+            return
+        source = path if path is not None else "base"
+        policy = await asyncio.to_thread(self.load_policy, source, version_id if isinstance(version_id, int) else None)
+        self.holder.swap(policy)
+
+    async def _prune(self) -> None:
+        """Delete checkpoints of all but the newest ``keep_versions`` versions (never the active one)."""
+        versions = await self.store.list_policy_versions(limit=1000)
+        keep = {v.id for v in versions[: self.settings.keep_versions]}
+        for version in versions:
+            if version.id in keep or version.status == PolicyStatus.ACTIVE:
+                continue
+            path = Path(version.path)
+            if path.is_dir() and self.settings.checkpoints_dir.resolve() in path.resolve().parents:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("pruned checkpoint of version %s", version.id)
+
+
+def _metrics_summary(metrics: dict[str, Any]) -> str:
+    if "success_rate" in metrics:
+        return f"success {float(metrics['success_rate']):.1%} on simulated users"
+    return "no evaluation yet"
+
+
+def active_source(version: PolicyVersion | None) -> str:
+    """What to load at start-up: the active checkpoint if it is still on disk, else the base model."""
+    if version is not None and Path(version.path).is_dir():
+        return version.path
+    return "base"
