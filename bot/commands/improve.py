@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -51,7 +50,6 @@ async def _improve(settings: Settings) -> int:
         loop = ImprovementLoop(store=store, settings=settings, task=task)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
             overall = bar.add_task("starting", total=len(STEPS))
-            started = {"t": time.monotonic()}
 
             def on_step(step: str) -> None:
                 bar.update(
@@ -59,7 +57,6 @@ async def _improve(settings: Settings) -> int:
                     description=f"step {STEPS.index(step) + 1}/{len(STEPS)}: {step}",
                     completed=STEPS.index(step),
                 )
-                started["t"] = time.monotonic()
 
             loop.on_step = on_step
             try:
