@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from sqlmodel import select
 
-from bot.adapters.telegram import APOLOGY, CHOSEN_MARK, run_telegram
+from bot.adapters.telegram import APOLOGY, CHOSEN_MARK, TEXT_ONLY, run_telegram
 from bot.events import decode_feedback, encode_feedback
 from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
@@ -284,6 +284,41 @@ async def test_failed_send_is_logged_apologised_and_polling_goes_on(harness: Har
     assert [t.text for t in await harness.turns(ALICE) if t.role == "user"] == ["Mountains, maybe?", "Hello again"]
 
 
+async def test_flood_control_is_waited_out_not_lost(harness: Harness) -> None:
+    server = harness.server
+    server.fail_next("sendMessage", error_code=429, description="Too Many Requests: retry after 1", retry_after=1)
+    await server.send_command(ALICE, ALICE, "help")
+    help_text = (await server.next_message(ALICE))["text"]
+    assert "/end" in help_text
+    assert len(server.calls_to("sendMessage")) == 2  # refused once, sent on the retry
+
+
+async def test_non_text_messages_get_a_hint(harness: Harness) -> None:
+    server = harness.server
+    sticker = {
+        "file_id": "s1",
+        "file_unique_id": "u1",
+        "type": "regular",
+        "width": 512,
+        "height": 512,
+        "is_animated": False,
+        "is_video": False,
+    }
+    await server.push_update(
+        {
+            "message": {
+                "message_id": 77,
+                "date": 0,
+                "chat": server.chat(ALICE),
+                "from": server.user(ALICE),
+                "sticker": sticker,
+            }
+        }
+    )
+    assert (await server.next_message(ALICE))["text"] == TEXT_ONLY
+    assert await harness.turns(ALICE) == []
+
+
 async def test_stop_lets_the_reply_in_flight_finish(harness: Harness) -> None:
     server = harness.server
     await server.send_text(ALICE, ALICE, "Quick question")
@@ -308,3 +343,19 @@ async def test_rejected_token_turns_the_adapter_off_without_logging_it(
         await asyncio.wait_for(run_telegram(service, settings, asyncio.Event()), 30)
     assert "rejected the bot token" in caplog.text
     assert "WRONG-token" not in caplog.text
+
+
+async def test_unreachable_telegram_at_start_is_retried(sqlite_store: Store, tiny_policy) -> None:
+    async with FakeTelegramServer() as server:
+        server.fail_next("getMe", error_code=502, description="Bad Gateway", times=2)
+        settings = Settings(_env_file=None, telegram_token=server.token, telegram_base_url=server.base_url)
+        service = DialogueService(
+            store=sqlite_store, policies=PolicyHolder(tiny_policy), task=load_task("travel"), settings=settings
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_telegram(service, settings, stop, retry_delay_s=0.05))
+        await server.send_command(ALICE, ALICE, "start")
+        assert (await server.next_message(ALICE))["text"] == load_task("travel").opening_line
+        assert len(server.calls_to("getMe")) == 3
+        stop.set()
+        await asyncio.wait_for(task, 30)

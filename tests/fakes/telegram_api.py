@@ -200,7 +200,7 @@ class FakeTelegramServer:
         if reply_to is not None:
             message["reply_to_message"] = reply_to
         self._messages[(chat_id, message["message_id"])] = message
-        await self._push_update({"message": message})
+        await self.push_update({"message": message})
         return message
 
     async def send_command(
@@ -218,11 +218,19 @@ class FakeTelegramServer:
         text = f"{command} {argument}".rstrip() if argument else command
         return await self.send_text(chat_id, user_id, text, chat_type=chat_type)
 
+    async def push_update(self, payload: JSONDict) -> int:
+        """Queue a raw update (``{"message": {...}}``, ...) for ``getUpdates``; returns its ``update_id``."""
+        async with self._changed:
+            update_id = next(self._update_ids)
+            self._updates.append({"update_id": update_id, **payload})
+            self._changed.notify_all()
+        return update_id
+
     async def press_button(self, chat_id: int, user_id: int, message: JSONDict, data: str) -> str:
         """A user presses an inline button with ``data`` under ``message``; returns the callback query id."""
         query_id = str(next(self._callback_ids))
         current = self._messages.get((chat_id, message["message_id"]), message)
-        await self._push_update(
+        await self.push_update(
             {
                 "callback_query": {
                     "id": query_id,
@@ -300,11 +308,6 @@ class FakeTelegramServer:
                 }
             )
         return entities
-
-    async def _push_update(self, payload: JSONDict) -> None:
-        async with self._changed:
-            self._updates.append({"update_id": next(self._update_ids), **payload})
-            self._changed.notify_all()
 
     async def _record(self, call: ApiCall) -> None:
         async with self._changed:

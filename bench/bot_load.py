@@ -1,0 +1,290 @@
+"""Load on the Telegram path: N simulated chats at once through the fake Bot API server.
+
+Every chat sends ``--messages`` messages, each after the previous reply arrived (like a person would). Measured per
+policy and N: reply latency (message injected → reply seen by the fake server) p50/p99, messages lost (sent
+without a reply; must be 0), user turns logged in the database (must equal messages sent), apologies, throughput.
+The real python-telegram-bot (with its rate limiter), the real DialogueService and a real SQLite store are used.
+
+    .venv/bin/python bench/bot_load.py            # tiny and SmolLM2 policies, N = 1, 8, 32
+    .venv/bin/python bench/bot_load.py --quick    # tiny policy only
+
+Results are printed as a rich table and appended as markdown to BENCHMARKS.md (section "Telegram bot load").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rich.console import Console  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table  # noqa: E402
+from rich.text import Text  # noqa: E402
+
+SECTION = "## Telegram bot load (bench/bot_load.py)"
+USER_ID_BASE = 50_000
+REPLY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class LoadResult:
+    """One (policy, N) measurement."""
+
+    policy: str
+    chats: int
+    messages: int
+    replies: int
+    lost: int
+    turns_logged: int
+    apologies: int
+    p50_s: float
+    p99_s: float
+    wall_s: float
+
+    @property
+    def throughput(self) -> float:
+        """Replies per second over the whole run."""
+        return self.replies / self.wall_s if self.wall_s else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0-1) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[min(998, max(0, round(q * 1000) - 1))]
+
+
+def load_policy_for(name: str, model_cache_dir: Path | None):
+    """The prompted base policy on ``tiny`` (random) or ``smollm2`` (bundled)."""
+    from imagine.task import load_task
+    from learning.policy import load_policy
+
+    kwargs = {"cache_dir": model_cache_dir} if model_cache_dir is not None and name != "tiny" else {}
+    return load_policy("base", task=load_task("travel"), base_model=name, **kwargs)
+
+
+async def run_load(policy_name: str, policy, chats: int, messages: int, progress: Progress) -> LoadResult:
+    """Serve ``chats`` concurrent private chats of ``messages`` messages each; measure and count."""
+    from sqlmodel import func, select
+
+    from bot.adapters.telegram import run_telegram
+    from bot.policy_holder import PolicyHolder
+    from bot.service import DialogueService
+    from bot.settings import Settings
+    from imagine.task import load_task
+    from storage import Database, Store
+    from storage.models import Turn
+    from tests.fakes.telegram_api import FakeTelegramServer
+
+    with tempfile.TemporaryDirectory(prefix="reverie-botload-") as tmp:
+        database = Database(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        await database.create_schema()
+        store = Store(database)
+        async with FakeTelegramServer() as server:
+            settings = Settings(_env_file=None, telegram_token=server.token, telegram_base_url=server.base_url)
+            holder = PolicyHolder(policy)
+            service = DialogueService(store=store, policies=holder, task=load_task("travel"), settings=settings)
+            stop = asyncio.Event()
+            bot_task = asyncio.create_task(run_telegram(service, settings, stop, poll_timeout_s=5))
+            await server.wait_for_call("getUpdates", timeout=60)
+            task_progress = progress.add_task(f"{policy_name} N={chats}", total=chats * messages)
+            latencies: list[float] = []
+            lost = 0
+            apologies = 0
+
+            async def one_chat(index: int) -> None:
+                nonlocal lost, apologies
+                user = USER_ID_BASE + index
+                await server.send_command(user, user, "start")
+                await server.next_message(user, timeout=REPLY_TIMEOUT_S)
+                for number in range(messages):
+                    started = time.perf_counter()
+                    await server.send_text(user, user, f"Message {number} from chat {index}: a quiet beach trip?")
+                    try:
+                        reply = await server.next_message(user, timeout=REPLY_TIMEOUT_S)
+                    except TimeoutError:
+                        lost += 1
+                    else:
+                        latencies.append(time.perf_counter() - started)
+                        apologies += "sorry" in reply["text"].lower()
+                    progress.advance(task_progress)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one_chat(i) for i in range(chats)))
+            wall = time.perf_counter() - started
+            stop.set()
+            await bot_task
+            await service.shutdown()
+            async with database.session() as session:
+                turns_logged = (
+                    await session.exec(select(func.count()).select_from(Turn).where(Turn.role == "user"))
+                ).one()
+        await database.dispose()
+    progress.remove_task(task_progress)
+    return LoadResult(
+        policy=policy_name,
+        chats=chats,
+        messages=chats * messages,
+        replies=len(latencies),
+        lost=lost,
+        turns_logged=int(turns_logged),
+        apologies=apologies,
+        p50_s=percentile(latencies, 0.5),
+        p99_s=percentile(latencies, 0.99),
+        wall_s=wall,
+    )
+
+
+def rich_table(results: list[LoadResult]) -> Table:
+    """The results for the terminal."""
+    table = Table(title="Telegram bot load (fake Bot API, real PTB + DialogueService + SQLite)")
+    for column in ("policy", "chats", "messages", "lost", "turns logged", "apologies", "p50 s", "p99 s", "replies/s"):
+        table.add_column(column, justify="right" if column != "policy" else "left")
+    for r in results:
+        lost = f"[red]{r.lost}[/red]" if r.lost else "0"
+        logged = str(r.turns_logged) if r.turns_logged == r.messages else f"[red]{r.turns_logged}[/red]"
+        table.add_row(
+            r.policy,
+            str(r.chats),
+            str(r.messages),
+            lost,
+            logged,
+            str(r.apologies),
+            f"{r.p50_s:.3f}",
+            f"{r.p99_s:.3f}",
+            f"{r.throughput:.2f}",
+        )
+    return table
+
+
+def markdown(results: list[LoadResult], command: str, threads: int) -> str:
+    """A markdown table with the reproducing command and the machine."""
+    lines = [
+        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{command}`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {threads}; "
+        "CPU shared with other work, so latencies are indicative.",
+        "",
+        "| policy | chats | messages | lost | turns logged | apologies | p50 s | p99 s | replies/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.policy} | {r.chats} | {r.messages} | {r.lost} | {r.turns_logged} | {r.apologies} | "
+            f"{r.p50_s:.3f} | {r.p99_s:.3f} | {r.throughput:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def append_to_benchmarks(path: Path, block: str) -> None:
+    """Append ``block`` at the end of this bench's own section (created at the end of the file if missing)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}"
+    else:
+        head, _, rest = text.partition(SECTION)
+        following = rest.find("\n## ")  # other benches' sections stay as they are
+        mine, tail = (rest, "") if following == -1 else (rest[:following], rest[following:])
+        text = head + SECTION + mine.rstrip("\n") + "\n\n" + block + tail
+    path.write_text(text, encoding="utf-8")
+
+
+class RateColumn(ProgressColumn):
+    """Messages answered per second."""
+
+    def render(self, task: Task) -> Text:
+        """The task's speed, or a dash before there is one."""
+        return Text(f"{task.speed:.1f} msg/s" if task.speed else "- msg/s")
+
+
+async def main_async(args: argparse.Namespace) -> list[LoadResult]:
+    """Every (policy, N) in turn."""
+    console = Console()
+    results: list[LoadResult] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        for policy_name in args.policies:
+            policy = load_policy_for(policy_name, args.model_cache_dir)
+            try:
+                for chats in args.chats:
+                    result = await run_load(policy_name, policy, chats, args.messages, progress)
+                    results.append(result)
+                    progress.console.print(
+                        f"{policy_name} N={chats}: p50 {result.p50_s:.3f} s, p99 {result.p99_s:.3f} s, "
+                        f"lost {result.lost}, turns {result.turns_logged}/{result.messages}"
+                    )
+            finally:
+                policy.close()
+    console.print(rich_table(results))
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny policy only")
+    parser.add_argument("--chats", default="1,8,32", help="comma-separated numbers of concurrent chats")
+    parser.add_argument("--messages", type=int, default=3, help="messages per chat (each waits for its reply)")
+    parser.add_argument("--policies", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "reverie" / "models")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to append to")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    args.chats = [int(n) for n in str(args.chats).split(",") if n.strip()]
+    args.policies = ["tiny"] if args.quick else [p.strip() for p in args.policies.split(",") if p.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; exit status 1 when a message was lost or a turn not logged."""
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    results = asyncio.run(main_async(args))
+    command = "python bench/bot_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.no_write:
+        append_to_benchmarks(args.benchmarks, markdown(results, command.strip(), args.threads))
+    return 0 if all(r.lost == 0 and r.turns_logged == r.messages for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
