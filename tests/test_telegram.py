@@ -359,3 +359,29 @@ async def test_unreachable_telegram_at_start_is_retried(sqlite_store: Store, tin
         assert len(server.calls_to("getMe")) == 3
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def test_mentions_are_cut_by_utf16_offsets_and_commands_for_other_bots_skipped() -> None:
+    from datetime import UTC, datetime
+
+    from telegram import Chat, Message, MessageEntity
+
+    from bot.adapters.telegram import addressed_text, parse_command
+    from tests.fakes.telegram_api import utf16_length
+
+    group = Chat(GROUP, Chat.GROUP)
+    text = "🇵🇹 @Reverie_Test_Bot Lisbon in spring?"
+    offset = utf16_length("🇵🇹 ")
+    mention = MessageEntity(MessageEntity.MENTION, offset, utf16_length("@Reverie_Test_Bot"))
+    message = Message(1, datetime.now(UTC), group, text=text, entities=(mention,))
+    assert addressed_text(message, 999, "reverie_test_bot") == "🇵🇹 Lisbon in spring?"
+    assert addressed_text(message, 999, "another_bot") is None
+
+    def command(text: str) -> Message:
+        length = len(text.split()[0])
+        entity = MessageEntity(MessageEntity.BOT_COMMAND, 0, length)
+        return Message(3, datetime.now(UTC), group, text=text, entities=(entity,))
+
+    assert parse_command(command("/End@reverie_test_bot  good "), "reverie_test_bot") == ("end", "good")
+    assert parse_command(command("/rate 4"), "reverie_test_bot") == ("rate", "4")
+    assert parse_command(command("/help@other_bot"), "reverie_test_bot") is None
