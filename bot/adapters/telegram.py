@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from telegram import (
@@ -210,7 +210,7 @@ class TokenRedactor(logging.Filter):
 
 
 @contextlib.contextmanager
-def _redacting_logs(token: str) -> Any:
+def _redacting_logs(token: str) -> Iterator[TokenRedactor]:
     """Install :class:`TokenRedactor` on our, PTB's and httpx's loggers for the duration."""
     redactor = TokenRedactor(token)
     names = [
