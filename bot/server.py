@@ -1,0 +1,253 @@
+"""The composition root: settings → store → task → policy → :class:`DialogueService` → adapters.
+
+``reverie serve`` runs every platform whose token is configured (Telegram, Discord) on one event loop,
+plus the idle-session sweeper and, through an optional hook, the improvement loop; with no token it runs
+the terminal chat. SIGINT/SIGTERM stop it gracefully: adapters stop taking updates, replies in flight
+finish and are logged, open conversations stay open in the database to be resumed after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.context import open_store
+from bot.events import Improver
+from bot.policy_holder import PolicyHolder
+from bot.service import DialogueService
+from bot.settings import Settings
+from imagine.task import TaskSpec, load_task
+from learning.interface import Policy
+from storage import Store
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between sweeps for idle sessions.
+EXPIRY_INTERVAL_S = 60.0
+
+#: Loads a policy for serving (blocking): ``(source, version_id)``, source "base" or a checkpoint directory.
+PolicyLoader = Callable[[str, int | None], Policy]
+#: Runs one platform until ``stop`` is set: ``run_telegram`` / ``run_discord``.
+AdapterRunner = Callable[[DialogueService, Settings, asyncio.Event], Awaitable[None]]
+
+
+class ServeError(RuntimeError):
+    """The server cannot run as configured."""
+
+
+@dataclass
+class Runtime:
+    """Everything a serving process is made of; handed to the improvement hook."""
+
+    settings: Settings
+    store: Store
+    task: TaskSpec
+    policies: PolicyHolder
+    service: DialogueService
+    load_policy: PolicyLoader
+
+
+#: Starts the improvement loop (scheduler included) for a runtime and stops it on exit; yields the
+#: :class:`Improver` behind ``/retrain``, ``/rollback`` and ``/status`` (or ``None`` when disabled).
+ImproverHook = Callable[[Runtime], AbstractAsyncContextManager[Improver | None]]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where a GPU is available, else ``cpu``; anything else as configured."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
+    """A :data:`PolicyLoader` with the configured base model, device and decoding settings."""
+    device = resolve_device(settings.device)
+
+    def load(source: str, version_id: int | None) -> Policy:
+        from learning.policy import load_policy  # torch and transformers load only when a policy is needed
+
+        return load_policy(
+            source,
+            task=task,
+            base_model=settings.base_model,
+            cache_dir=settings.resolved_model_cache_dir,
+            device=device,
+            version_id=version_id,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_k=settings.top_k,
+            beta=settings.beta,
+        )
+
+    return load
+
+
+async def load_active_policy(store: Store, load: PolicyLoader) -> Policy:
+    """The active version's checkpoint if it loads, else the prompted base model (logged, never fatal)."""
+    version = await store.active_policy_version()
+    if version is not None:
+        if Path(version.path).is_dir():
+            try:
+                return await asyncio.to_thread(load, version.path, version.id)
+            except Exception:
+                logger.exception("cannot load active policy version %s from %s", version.id, version.path)
+        else:
+            logger.error("active policy version %s: checkpoint %s is missing", version.id, version.path)
+        logger.warning("serving the prompted base model instead")
+    return await asyncio.to_thread(load, "base", None)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, *, improver_hook: ImproverHook | None = None) -> AsyncIterator[Runtime]:
+    """Build the serving stack; on exit wait for turns in flight, stop the improver, close policy and store."""
+    task = load_task(settings.task)
+    async with open_store(settings) as store, contextlib.AsyncExitStack() as stack:
+        load = policy_loader(settings, task)
+        policies = PolicyHolder(await load_active_policy(store, load))
+        stack.callback(policies.close)
+        service = DialogueService(store=store, policies=policies, task=task, settings=settings)
+        runtime = Runtime(settings, store, task, policies, service, load)
+        if improver_hook is not None:
+            service.improver = await stack.enter_async_context(improver_hook(runtime))
+        # Registered last, so it runs first: turns finish before the improver and the policy go away.
+        stack.push_async_callback(service.shutdown)
+        logger.info("serving task %r with policy %s", task.name, policies.name)
+        yield runtime
+
+
+async def expire_periodically(service: DialogueService, stop: asyncio.Event, interval_s: float) -> None:
+    """Close idle sessions every ``interval_s`` until ``stop`` is set; a failed sweep is logged and retried."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+            return
+        try:
+            expired = await service.expire_idle_sessions()
+            if expired:
+                logger.info("closed %d idle conversation%s", expired, "" if expired == 1 else "s")
+        except Exception:
+            logger.exception("idle-session sweep failed")
+
+
+def configured_adapters(settings: Settings) -> dict[str, AdapterRunner]:
+    """The platform runners whose token is set (imported lazily: each pulls in its client library)."""
+    runners: dict[str, AdapterRunner] = {}
+    if settings.telegram_token is not None:
+        try:
+            from bot.adapters.telegram import run_telegram
+
+            runners["telegram"] = run_telegram
+        except ImportError:
+            logger.exception("TELEGRAM_TOKEN is set but the Telegram adapter cannot be imported")
+    if settings.discord_token is not None:
+        try:
+            from bot.adapters.discord import run_discord
+
+            runners["discord"] = run_discord
+        except ImportError:
+            logger.exception("DISCORD_TOKEN is set but the Discord adapter cannot be imported")
+    return runners
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``stop``; a second SIGINT falls back to the default (immediate) behaviour."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def request_stop(signum: signal.Signals) -> None:
+        logger.info("%s received: finishing replies in flight, then stopping", signum.name)
+        stop.set()
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGINT)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, request_stop, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not Unix
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+async def run_adapters(
+    service: DialogueService, settings: Settings, runners: dict[str, AdapterRunner], stop: asyncio.Event
+) -> None:
+    """Run platform adapters until ``stop`` is set or every one of them has ended; then stop them all."""
+    tasks = {
+        asyncio.create_task(runner(service, settings, stop), name=f"adapter-{name}"): name
+        for name, runner in runners.items()
+    }
+    stopping = asyncio.ensure_future(stop.wait())
+    pending = set(tasks)
+    try:
+        while pending and not stop.is_set():
+            done, pending = await asyncio.wait(pending | {stopping}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stopping)
+            for task in done - {stopping}:
+                _log_adapter_end(tasks[task], task)
+        stop.set()
+        await asyncio.gather(*pending, return_exceptions=True)  # each adapter finishes its replies in flight
+        for task in pending:
+            _log_adapter_end(tasks[task], task)
+    finally:
+        stopping.cancel()
+        for task in tasks:
+            task.cancel()
+
+
+def _log_adapter_end(name: str, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        logger.info("%s adapter cancelled", name)
+    elif task.exception() is not None:
+        logger.error("%s adapter failed: %s", name, task.exception(), exc_info=task.exception())
+    else:
+        logger.info("%s adapter stopped", name)
+
+
+async def serve(
+    settings: Settings, *, improver_hook: ImproverHook | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Serve every configured platform (or the terminal chat) until a signal, ``stop`` or end of input."""
+    from bot.adapters.console import run_console
+
+    stop = stop or asyncio.Event()
+    with stop_on_signals(stop):
+        async with open_runtime(settings, improver_hook=improver_hook) as runtime:
+            sweeper = asyncio.create_task(expire_periodically(runtime.service, stop, EXPIRY_INTERVAL_S))
+            try:
+                runners = configured_adapters(settings)
+                if not runners and (settings.telegram_token or settings.discord_token):
+                    raise ServeError("a platform token is set but no adapter could start (see the log above)")
+                if runners:
+                    logger.info("starting adapters: %s", ", ".join(runners))
+                    await run_adapters(runtime.service, settings, runners, stop)
+                else:
+                    logger.info("no platform token configured: chatting in the terminal")
+                    await run_console(runtime.service, stop)
+            finally:
+                stop.set()
+                await sweeper
+
+
+def default_improver_hook() -> ImproverHook | None:
+    """The improvement loop's hook, ``bot.improve.improvement_hook``, once that module provides one."""
+    try:
+        from bot.improve import improvement_hook  # type: ignore[attr-defined]
+    except ImportError:
+        logger.info("no improvement hook (bot.improve.improvement_hook): /retrain and /rollback are off")
+        return None
+    return improvement_hook  # type: ignore[no-any-return]
