@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import select
 
-from bot.adapters.discord import run_discord
+from bot.adapters.discord import SEND_FAILED_TEXT, STALE_COMMAND_TEXT, run_discord
 from bot.events import encode_feedback
 from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
@@ -42,15 +42,19 @@ GUILD_MESSAGES_INTENT, DIRECT_MESSAGES_INTENT = 1 << 9, 1 << 12
 
 
 class EchoPolicy:
-    """A stand-in policy until the tiny-model one lands: answers with what it heard."""
+    """A stand-in policy until the tiny-model one lands: answers with what it heard (after ``delay`` s)."""
 
     version_id = None
     name = "echo"
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
 
     def respond_batch(self, histories: Sequence[History], *, seed: int | None = None) -> list[str]:
         return [f"You said: {history[-1].text}" for history in histories]
 
     async def respond(self, history: History) -> str:
+        await asyncio.sleep(self.delay)
         return self.respond_batch([history])[0]
 
     def close(self) -> None:
@@ -138,7 +142,7 @@ async def test_conversation_with_slash_commands_mention_button_and_end(
         assert custom_ids(opening) == [encode_feedback(opening_turn, True), encode_feedback(opening_turn, False)]
 
         # A mention in the guild channel: typing, then the reply to the stored turn, text without the mention.
-        await fake.send_user_message(ALICE, "a quiet beach, please", mention_bot=True)
+        asked = await fake.send_user_message(ALICE, "a quiet beach, please", mention_bot=True)
         [reply] = await fake.wait_for_channel_messages(fake.channel_id, 1)
         turns = await sqlite_store.get_turns(conversation.id)
         assert [(turn.role, turn.text) for turn in turns[1:]] == [
@@ -149,6 +153,7 @@ async def test_conversation_with_slash_commands_mention_button_and_end(
         assert custom_ids(reply) == [encode_feedback(turns[2].id, True), encode_feedback(turns[2].id, False)]
         post = only(fake.calls_to("POST", rf"/channels/{fake.channel_id}/messages"))
         assert post.body["allowed_mentions"]["parse"] == []
+        assert str(post.body["message_reference"]["message_id"]) == asked["id"]
         typing = fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")
         assert typing and fake.calls.index(typing[0]) < fake.calls.index(post)
 
@@ -256,3 +261,69 @@ async def test_slow_answers_are_deferred_then_followed_up(
         assert click.callback_type == CALLBACK_DEFERRED_MESSAGE and is_ephemeral(only(click.visible()))
         assert "👎" in only(click.texts())
     assert not fake.unknown_calls
+
+
+async def test_stale_command_and_failed_send_are_answered_and_the_bot_goes_on(
+    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_bot(fake, sqlite_store, tmp_path):
+        # A command Discord still lists but this version no longer has (e.g. global commands lag an hour).
+        stale = dict(fake.commands[fake.guild_id][0], name="teleport", id="1")
+        fake.commands[fake.guild_id].append(stale)
+        log = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "teleport"))
+        assert only(log.texts()) == STALE_COMMAND_TEXT and is_ephemeral(log.visible()[0])
+
+        # Discord refuses the first reply: logged, apologised for, and the next message is answered.
+        fake.fail_next("POST", rf"/channels/{fake.dm_channel_id(ALICE)}/messages")
+        await fake.send_user_message(ALICE, "Lisbon?", dm=True)
+        [apology] = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 1)
+        assert apology["content"] == SEND_FAILED_TEXT
+        assert "sending to channel" in caplog.text and "403" in caplog.text
+        await fake.send_user_message(ALICE, "or Porto?", dm=True)
+        _, answer = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 2)
+        assert answer["content"] == "You said: or Porto?"
+        conversation = only(await conversations_of(sqlite_store, ALICE))
+        user_turns = [t.text for t in await sqlite_store.get_turns(conversation.id) if t.role == Role.USER]
+        assert user_turns == ["Lisbon?", "or Porto?"]  # logged although the first reply never arrived
+
+
+async def test_stop_lets_the_reply_in_flight_finish(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path, discord_token=SecretStr(fake.token))  # type: ignore[call-arg]
+    holder = PolicyHolder(EchoPolicy(delay=0.5))  # still generating when the stop comes
+    service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_discord(service, settings, stop))
+    await fake.wait_until_ready(None)
+    await fake.send_user_message(BOB, "quick question", dm=True)
+    await fake.wait_for(lambda: fake.calls_to("POST", r"/channels/\d+/typing"), what="typing")
+    stop.set()
+    await asyncio.wait_for(runner, 15)
+    assert [m["content"] for m in fake.channel_messages[fake.dm_channel_id(BOB)]] == [
+        TASK.opening_line,
+        "You said: quick question",
+    ]
+    await service.shutdown()
+    holder.close()
+
+
+async def test_rejected_token_turns_the_adapter_off_without_logging_it(
+    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "WRONG-token-" + "B" * 40
+    settings = Settings(_env_file=None, data_dir=tmp_path, discord_token=SecretStr(wrong))  # type: ignore[call-arg]
+    holder = PolicyHolder(EchoPolicy())
+    service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
+    await asyncio.wait_for(run_discord(service, settings, asyncio.Event()), 15)
+    assert "rejected the bot token" in caplog.text
+    assert "WRONG-token" not in caplog.text
+    assert fake.unauthorized_calls and fake.identify is None
+    holder.close()
+
+
+async def test_no_token_means_discord_is_off(sqlite_store: Store, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    holder = PolicyHolder(EchoPolicy())
+    service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
+    await asyncio.wait_for(run_discord(service, settings, asyncio.Event()), 5)  # returns instead of serving
+    holder.close()

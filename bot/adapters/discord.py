@@ -17,13 +17,15 @@ Start it with :func:`run_discord`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -46,6 +48,10 @@ DEFER_AFTER_S = 2.0
 ERROR_TEXT = "Sorry, something went wrong on my side and I could not answer that. Please try again in a moment."
 #: Answer to an interaction for which the service had nothing to say (Discord requires some response).
 EMPTY_ANSWER_TEXT = "Done."
+#: Sent (best effort) when Discord refused part of a reply.
+SEND_FAILED_TEXT = "Sorry, Discord did not accept my reply, so you may have missed part of it. Please try again."
+#: Answer to a slash command Discord still shows but this version of the bot no longer has.
+STALE_COMMAND_TEXT = "That command is not available (any more). Type / to see the current ones, or use /help."
 
 _FEEDBACK_PATTERN = re.compile(FEEDBACK_TEMPLATE)
 _RANGE_ARGUMENT = re.compile(r"^\[?(-?\d+)\s*-\s*(-?\d+)\]?$")
@@ -234,6 +240,9 @@ class ReverieDiscordClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_app_command_error  # type: ignore[method-assign]
         self._command_names = {info.name for info in service.commands}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         for info in service.commands:
             self.tree.add_command(build_slash_command(info, self.answer_command), guild=self.command_guild)
 
@@ -255,6 +264,27 @@ class ReverieDiscordClient(discord.Client):
         else:
             _log.info("Discord: %d slash commands registered for %s", len(synced), where)
 
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Count an event handler as in flight, so a stop can let it finish its reply."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def wait_for_handlers(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until no event is being answered."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            _log.warning(
+                "Discord: %d event(s) still being answered after %.0f s; stopping anyway", self._in_flight, timeout
+            )
+
     async def on_ready(self) -> None:
         """Log who we are connected as."""
         _log.info(
@@ -273,13 +303,14 @@ class ReverieDiscordClient(discord.Client):
             return
         text = strip_mention(message.content, me.id)
         chat = chat_from_message(message)
-        try:
-            async with message.channel.typing():
-                replies = await self._replies_for_text(chat, text)
-        except Exception:
-            _log.exception("Discord: handling a message in channel %s failed", message.channel.id)
-            replies = [Reply(chunks=(ERROR_TEXT,), is_error=True)]
-        await self._send_to_channel(message, replies)
+        with self._tracked():
+            try:
+                async with message.channel.typing():
+                    replies = await self._replies_for_text(chat, text)
+            except Exception:
+                _log.exception("Discord: handling a message in channel %s failed", message.channel.id)
+                replies = [Reply(chunks=(ERROR_TEXT,), is_error=True)]
+            await self._send_to_channel(message, replies)
 
     async def _replies_for_text(self, chat: ChatRef, text: str) -> list[Reply]:
         # Typed "/name arg" (e.g. in a DM where slash commands are not synced) runs the command too.
@@ -301,6 +332,8 @@ class ReverieDiscordClient(discord.Client):
                 await message.channel.send(outgoing.text, **kwargs)
             except discord.HTTPException as error:
                 _log.error("Discord: sending to channel %s failed: %s %s", message.channel.id, error.status, error.text)
+                with contextlib.suppress(discord.HTTPException):
+                    await message.channel.send(SEND_FAILED_TEXT)
                 return
 
     # --- interactions -----------------------------------------------------------------------------
@@ -308,7 +341,8 @@ class ReverieDiscordClient(discord.Client):
     async def answer_command(self, interaction: discord.Interaction, name: str, argument: str) -> None:
         """Run ``/name argument`` through the service and answer the interaction."""
         chat = chat_from_interaction(interaction)
-        await self._answer(interaction, self.service.handle_command(chat, name, argument), defer_ephemeral=False)
+        with self._tracked():
+            await self._answer(interaction, self.service.handle_command(chat, name, argument), defer_ephemeral=False)
 
     async def answer_feedback(self, interaction: discord.Interaction, data: str) -> None:
         """Pass a button click's data to the service; the toast goes to the clicker only."""
@@ -317,7 +351,8 @@ class ReverieDiscordClient(discord.Client):
         async def toast() -> list[Reply]:
             return [Reply(chunks=(await self.service.handle_feedback(chat, data),), private=True)]
 
-        await self._answer(interaction, toast(), defer_ephemeral=True)
+        with self._tracked():
+            await self._answer(interaction, toast(), defer_ephemeral=True)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
         """Answer clicks on components that are not our feedback buttons (forged or stale ids) clearly."""
@@ -350,6 +385,9 @@ class ReverieDiscordClient(discord.Client):
             )
         except discord.HTTPException as error:
             _log.error("Discord: answering interaction %s failed: %s %s", interaction.id, error.status, error.text)
+            if interaction.response.is_done():  # acknowledged, so a follow-up can still explain
+                with contextlib.suppress(discord.HTTPException):
+                    await interaction.followup.send(SEND_FAILED_TEXT, ephemeral=True)
 
     async def _send_interaction_replies(
         self, interaction: discord.Interaction, replies: list[Reply], *, deferred: bool, deferred_ephemeral: bool
@@ -381,9 +419,12 @@ class ReverieDiscordClient(discord.Client):
     ) -> None:
         """Errors raised around a slash command (bad option values, our callback): log, answer clearly."""
         original = getattr(error, "original", error)
-        if isinstance(error, app_commands.TransformerError | app_commands.CommandNotFound):
+        if isinstance(error, app_commands.CommandNotFound):
+            _log.warning("Discord: unknown slash command %s (registered by an older version?)", error.name)
+            text = STALE_COMMAND_TEXT
+        elif isinstance(error, app_commands.TransformerError):
             _log.warning("Discord: refused interaction %s: %s", interaction.id, error)
-            text = f"I could not use that: {error}"
+            text = f"I could not use that value: {error}"
         else:
             _log.error("Discord: slash command failed", exc_info=original)
             text = ERROR_TEXT
@@ -400,36 +441,66 @@ class ReverieDiscordClient(discord.Client):
 
 
 async def run_discord(
-    service: DialogueService, settings: Settings, stop: asyncio.Event, *, defer_after_s: float = DEFER_AFTER_S
+    service: DialogueService,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    defer_after_s: float = DEFER_AFTER_S,
+    retry_delay_s: float = 5.0,
+    stop_grace_s: float = 30.0,
 ) -> None:
     """Serve ``service`` on Discord until ``stop`` is set, then close the connection cleanly.
 
-    ``defer_after_s``: how long an interaction may wait for the service before it is deferred ("thinking…").
-
-    Raises :class:`ValueError` without ``discord_token``, and what ``discord.Client.start`` raises when the bot
-    cannot run at all (:class:`discord.LoginFailure` for a wrong token); transient disconnects are retried.
+    Runs on the caller's event loop next to other platforms and never takes them down: without
+    ``discord_token`` it returns at once; a rejected token is logged and ends this adapter only; while Discord
+    cannot be reached it retries every ``retry_delay_s`` (doubling up to a minute). On stop, replies in flight
+    get ``stop_grace_s`` to finish. ``defer_after_s``: how long an interaction waits for the service before it
+    is deferred ("thinking…").
     """
     if settings.discord_token is None:
-        raise ValueError("Discord is not configured: set DISCORD_TOKEN")
-    client = ReverieDiscordClient(service, settings, defer_after_s=defer_after_s)
-    runner = asyncio.create_task(client.start(settings.discord_token.get_secret_value()), name="discord-client")
+        _log.info("Discord is off: DISCORD_TOKEN is not set")
+        return
+    token = settings.discord_token.get_secret_value()
+    delay = retry_delay_s
+    while not stop.is_set():
+        client = ReverieDiscordClient(service, settings, defer_after_s=defer_after_s)
+        try:
+            await _serve(client, token, stop, stop_grace_s)
+            break
+        except discord.LoginFailure:
+            _log.error("Discord rejected the bot token; the Discord adapter is off")
+            return
+        except discord.ConnectionClosed as error:
+            if error.code == 4004:  # the gateway's "authentication failed"
+                _log.error("Discord rejected the bot token; the Discord adapter is off")
+                return
+            _log.error("Discord closed the connection (code %s); the Discord adapter is off", error.code)
+            return
+        except (OSError, TimeoutError, aiohttp.ClientError, discord.HTTPException, discord.GatewayNotFound) as error:
+            _log.warning("Discord unreachable (%s: %s); retrying in %.0f s", type(error).__name__, error, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 60.0)
+    _log.info("Discord adapter stopped")
+
+
+async def _serve(client: ReverieDiscordClient, token: str, stop: asyncio.Event, stop_grace_s: float) -> None:
+    """Run ``client`` until ``stop`` (then let handlers finish) or until it fails (then raise why)."""
+    runner = asyncio.create_task(client.start(token), name="discord-client")
     stopper = asyncio.create_task(stop.wait(), name="discord-stop")
     try:
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            runner.result()  # raises what ended the client
+            return
+        await client.wait_for_handlers(stop_grace_s)
     finally:
         stopper.cancel()
         if not client.is_closed():
             await client.close()
-        # After close() the client's connect loop ends by itself; cancel only if it hangs.
+        # After close() the client's connect loop ends by itself; cancel it only if it hangs.
         await asyncio.wait({runner}, timeout=10)
         if not runner.done():
             runner.cancel()
-    try:
-        await runner
-    except asyncio.CancelledError:
-        if not stop.is_set():
-            raise
-    except Exception as error:
-        _log.error("Discord adapter stopped: %s: %s", type(error).__name__, error)
-        raise
-    _log.info("Discord adapter stopped")
+        elif not runner.cancelled():
+            runner.exception()  # retrieved here so asyncio does not report it again

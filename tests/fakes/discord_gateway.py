@@ -148,6 +148,7 @@ class FakeDiscord:
         self._sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self._patched: list[tuple[object, str, object]] = []
+        self._failures: list[tuple[str, re.Pattern[str], int, dict[str, Any]]] = []
         self.port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -211,6 +212,10 @@ class FakeDiscord:
         await self.wait_for(
             lambda: commands_in in self.commands, timeout=timeout, what=f"command sync to {commands_in}"
         )
+
+    def fail_next(self, method: str, pattern: str, *, status: int = 403, message: str = "Missing Permissions") -> None:
+        """Answer the next ``method`` call whose path fully matches ``pattern`` with an error (code 50013)."""
+        self._failures.append((method, re.compile(pattern), status, {"message": message, "code": 50013}))
 
     def call_summary(self) -> list[str]:
         """``METHOD path`` of every REST call so far (for failure messages)."""
@@ -509,8 +514,12 @@ class FakeDiscord:
             if needs_bot_token and request.headers.get("Authorization") != f"Bot {self.token}":
                 self.unauthorized_calls.append(call)
                 return self._json({"message": "401: Unauthorized", "code": 0}, status=401)
-            for method, pattern, handler in self._routes():
-                match = re.fullmatch(pattern, path)
+            for index, (method, pattern, status, error) in enumerate(self._failures):
+                if method == request.method and pattern.fullmatch(path):
+                    del self._failures[index]
+                    return self._json(error, status)
+            for method, route, handler in self._routes():
+                match = re.fullmatch(route, path)
                 if match and method == request.method:
                     return await handler(call, **match.groupdict())
             self.unknown_calls.append(call)
