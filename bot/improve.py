@@ -236,123 +236,128 @@ class ImprovementLoop:
             await self.lock.release()
 
     async def _steps(self, run: TrainingRun, run_dir: Path, candidate_dir: Path) -> TrainingRun:
-        settings, task = self.settings, self.task
-        time_limit_s = settings.improve_time_limit_minutes * 60
+        deadline = time.monotonic() + self.settings.improve_time_limit_minutes * 60
         started = time.monotonic()
-        common = ["--base-model", settings.base_model]
-        seed = str(run.id)
 
         def remaining() -> float:
-            return max(1.0, time_limit_s - (time.monotonic() - started))
+            return max(1.0, deadline - time.monotonic())
 
         self.on_step("imagine")
-        # 1. Imagine fresh dialogues (they land in the database as source="imagined").
-        if settings.improve_imagined > 0:
-            await run_step(
-                "imagine",
-                reverie_command(
-                    "imagine",
-                    "--task",
-                    task.name,
-                    "--n",
-                    str(settings.improve_imagined),
-                    "--backend",
-                    settings.imagine_backend,
-                    "--seed",
-                    seed,
-                ),
-                log_path=run_dir / "imagine.log",
-                time_limit_s=remaining(),
-            )
+        if self.settings.improve_imagined > 0:
+            await self._imagine(run, run_dir, remaining())
 
         self.on_step("select")
-        # 2. Select: imagined dialogues of the task, plus real ones rewarded since the last run.
-        since = await self.store.last_successful_run_time()
-        imagined = await self.store.dialogues_for_training(sources=[Source.IMAGINED], task=task.name)
-        real = await self.store.dialogues_for_training(sources=[Source.REAL], task=task.name, since=since)
-        if not imagined and not real:
-            raise StepFailedError("no training dialogues: imagination produced none and no real ones are rated")
-        dialogues_path = run_dir / "dialogues.jsonl"
-        dialogues_path.write_text("".join(json.dumps(d.to_dict()) + "\n" for d in [*imagined, *real]))
-        run = await self.store.update_training_run(run.id, n_imagined=len(imagined), n_real=len(real))
+        dialogues_path, run = await self._select(run, run_dir)
 
         self.on_step("train")
-        # 3. Train a candidate (mixing at the configured ratio happens in the trainer's sampler).
         active = await self.store.active_policy_version()
-        train_args = [
-            "train",
-            "--algo",
-            settings.improve_algo,
-            "--task",
-            task.name,
-            "--dialogues",
-            str(dialogues_path),
-            "--real-ratio",
-            str(settings.improve_real_ratio),
-            "--steps",
-            str(settings.improve_steps),
-            "--out",
-            str(candidate_dir),
-            "--seed",
-            seed,
-            *common,
-        ]
-        if settings.improve_from == "active" and active is not None and Path(active.path).is_dir():
-            train_args += ["--init-from", active.path]
-        await run_step("train", reverie_command(*train_args), log_path=run_dir / "train.log", time_limit_s=remaining())
+        await self._train(run, dialogues_path, candidate_dir, active, run_dir, remaining())
 
         self.on_step("evaluate")
-        # 4. Evaluate candidate and active policy on the same simulated users.
         from learning.checkpoint import verify_checkpoint  # import late: the server starts faster
 
         sha256 = await asyncio.to_thread(verify_checkpoint, candidate_dir)  # a corrupt candidate stops here
-        eval_dir = run_dir / "evaluation"
-        users = "scripted" if task.name in SCRIPTED_EVALUATION_TASKS else "llm"
-        await run_step(
-            "evaluate",
-            reverie_command(
-                "eval",
-                "--task",
-                task.name,
-                "--policy",
-                str(candidate_dir),
-                "--policy",
-                active.path if active is not None else "base",
-                "--users",
-                users,
-                "--episodes",
-                str(settings.improve_eval_episodes),
-                "--seed",
-                seed,
-                "--out",
-                str(eval_dir),
-                *common,
-            ),
-            log_path=run_dir / "evaluate.log",
-            time_limit_s=remaining(),
-        )
-        candidate_success, active_success = _success_rates(eval_dir / "report.json")[:2]
-        decision = gate(candidate_success, active_success, settings.improve_margin)
+        candidate_success, active_success = await self._evaluate(run, candidate_dir, active, run_dir, remaining())
 
         self.on_step("gate")
-        # 5. Gate: register the candidate, promote and hot-swap it only if it is not worse.
-        final_dir = settings.checkpoints_dir / f"v-run{run.id}"
+        return await self.promote_or_reject(
+            run,
+            candidate_dir,
+            sha256=sha256,
+            candidate_success=candidate_success,
+            active_success=active_success,
+            duration_s=time.monotonic() - started,
+        )
+
+    async def _imagine(self, run: TrainingRun, run_dir: Path, time_limit_s: float) -> None:
+        """Fresh imagined dialogues of the task; they land in the database as ``source="imagined"``."""
+        s = self.settings
+        command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=s.imagine_backend, seed=run.id)
+        await run_step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s)
+
+    async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun]:
+        """Imagined dialogues of the task plus real ones rewarded since the last run, as JSONL for the trainer."""
+        since = await self.store.last_successful_run_time()
+        imagined = await self.store.dialogues_for_training(sources=[Source.IMAGINED], task=self.task.name)
+        real = await self.store.dialogues_for_training(sources=[Source.REAL], task=self.task.name, since=since)
+        if not imagined and not real:
+            raise StepFailedError("no training dialogues: imagination produced none and no real ones are rated")
+        path = run_dir / "dialogues.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in [*imagined, *real]))
+        run = await self.store.update_training_run(run.id, n_imagined=len(imagined), n_real=len(real))
+        return path, run
+
+    async def _train(
+        self,
+        run: TrainingRun,
+        dialogues: Path,
+        candidate_dir: Path,
+        active: PolicyVersion | None,
+        run_dir: Path,
+        time_limit_s: float,
+    ) -> None:
+        """Train a candidate checkpoint; mixing at the configured ratio happens in the trainer's sampler."""
+        s = self.settings
+        init_from = active.path if s.improve_from == "active" and active and Path(active.path).is_dir() else None
+        command = _flags(
+            "train",
+            algo=s.improve_algo,
+            task=self.task.name,
+            dialogues=dialogues,
+            real_ratio=s.improve_real_ratio,
+            steps=s.improve_steps,
+            out=candidate_dir,
+            seed=run.id,
+            base_model=s.base_model,
+            init_from=init_from,
+        )
+        await run_step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s)
+
+    async def _evaluate(
+        self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
+    ) -> tuple[float, float]:
+        """Success rates of candidate and active policy on the same simulated users."""
+        s = self.settings
+        out = run_dir / "evaluation"
+        command = _flags(
+            "eval",
+            task=self.task.name,
+            policy=[str(candidate_dir), active_source(active)],
+            users="scripted" if self.task.name in SCRIPTED_EVALUATION_TASKS else "llm",
+            episodes=s.improve_eval_episodes,
+            seed=run.id,
+            out=out,
+            base_model=s.base_model,
+        )
+        await run_step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s)
+        candidate_success, active_success = _success_rates(out / "report.json")[:2]
+        return candidate_success, active_success
+
+    async def promote_or_reject(
+        self,
+        run: TrainingRun,
+        candidate_dir: Path,
+        *,
+        sha256: str,
+        candidate_success: float,
+        active_success: float,
+        duration_s: float = 0.0,
+    ) -> TrainingRun:
+        """Register the candidate; promote and hot-swap it only if :func:`gate` says it is not worse."""
+        decision = gate(candidate_success, active_success, self.settings.improve_margin)
+        active = await self.store.active_policy_version()
+        final_dir = self.settings.checkpoints_dir / f"v-run{run.id}"
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         candidate_dir.rename(final_dir)
         version = await self.store.register_policy_version(
             path=str(final_dir.resolve()),
             sha256=sha256,
-            base_model=settings.base_model,
-            algorithm=settings.improve_algo,
+            base_model=self.settings.base_model,
+            algorithm=self.settings.improve_algo,
             metrics={"success_rate": candidate_success, "active_success_rate": active_success, "run_id": run.id},
             parent_id=active.id if active else None,
         )
-        metrics = {
-            "candidate_success": candidate_success,
-            "active_success": active_success,
-            "decision": decision.reason,
-            "duration_s": round(time.monotonic() - started, 1),
-        }
         if decision.promote:
             await self._swap_in(str(final_dir), version.id)
             await self.store.activate_policy_version(version.id)
@@ -362,6 +367,12 @@ class ImprovementLoop:
             status = RunStatus.REJECTED
         logger.info("improvement run %s: %s", run.id, decision.reason)
         await self._prune()
+        metrics = {
+            "candidate_success": candidate_success,
+            "active_success": active_success,
+            "decision": decision.reason,
+            "duration_s": round(duration_s, 1),
+        }
         return await self.store.update_training_run(
             run.id, status=status, candidate_version_id=version.id, metrics=metrics
         )
@@ -385,6 +396,16 @@ class ImprovementLoop:
             if path.is_dir() and self.settings.checkpoints_dir.resolve() in path.resolve().parents:
                 shutil.rmtree(path, ignore_errors=True)
                 logger.info("pruned checkpoint of version %s", version.id)
+
+
+def _flags(command: str, **options: object) -> list[str]:
+    """``reverie COMMAND --opt value ...``; ``None`` options are left out, lists repeat the flag."""
+    args = [command]
+    for name, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                args += [f"--{name.replace('_', '-')}", str(item)]
+    return reverie_command(*args)
 
 
 def _metrics_summary(metrics: dict[str, Any]) -> str:
