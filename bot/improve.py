@@ -14,10 +14,11 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
@@ -26,6 +27,9 @@ from imagine.task import TaskSpec
 from learning.interface import Policy
 from storage import PolicyStatus, PolicyVersion, RunStatus, Source, Store, TrainingRun
 from storage.locks import TrainerLock
+
+if TYPE_CHECKING:
+    from bot.server import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +189,23 @@ class ImprovementLoop:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def run_scheduled(self) -> None:
+        """The scheduled job: one run, awaited (so the scheduler never overlaps runs), skipped if one is going."""
+        if self.running:
+            logger.info("scheduled improvement skipped: a run is in progress")
+            return
+        self._task = asyncio.create_task(self._run_logged("schedule"), name="improvement-schedule")
+        await asyncio.shield(self._task)
+
+    async def recover_after_crash(self) -> int:
+        """Mark runs a crashed process left 'running' as failed, unless another replica is running one now."""
+        if not await self.lock.acquire():
+            return 0
+        try:
+            return await self.store.fail_unfinished_runs("the process running it stopped before it finished")
+        finally:
+            await self.lock.release()
 
     async def _run_logged(self, trigger: str) -> TrainingRun | None:
         try:
@@ -396,6 +417,61 @@ class ImprovementLoop:
             if path.is_dir() and self.settings.checkpoints_dir.resolve() in path.resolve().parents:
                 shutil.rmtree(path, ignore_errors=True)
                 logger.info("pruned checkpoint of version %s", version.id)
+
+
+async def _sync_periodically(loop: ImprovementLoop, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await loop.sync_active()
+        except Exception:  # a database hiccup must not end the watcher
+            logger.exception("checking the active policy version failed")
+
+
+def make_improvement_hook(
+    sync_interval_s: float = 60.0,
+) -> Callable[[Runtime], contextlib.AbstractAsyncContextManager[ImprovementLoop]]:
+    """The server's improvement hook (see ``bot.server.ImproverHook``), with a configurable sync interval."""
+
+    @asynccontextmanager
+    async def hook(runtime: Runtime) -> AsyncIterator[ImprovementLoop]:
+        from bot.scheduler import JOB_ID, start_scheduler, stop_scheduler
+
+        settings = runtime.settings
+        loop = ImprovementLoop(
+            store=runtime.store,
+            settings=settings,
+            task=runtime.task,
+            holder=runtime.policies,
+            load_policy=runtime.load_policy,
+        )
+        if recovered := await loop.recover_after_crash():
+            logger.warning("%d improvement run(s) left unfinished by a previous process marked failed", recovered)
+        scheduler = None
+        if settings.improve_enabled:
+            scheduler = start_scheduler(settings.resolved_database_url, settings.improve_cron, loop.run_scheduled)
+            loop.next_run_time = lambda: (job := scheduler.get_job(JOB_ID)) and job.next_run_time
+            never_trained = (
+                await runtime.store.active_policy_version() is None
+                and await runtime.store.last_successful_run_time() is None
+            )
+            if never_trained and settings.improve_on_first_start:
+                logger.info("no trained policy yet: training a first one in the background")
+                await loop.request_run(trigger="first-start", requested_by="server")
+        watcher = asyncio.create_task(_sync_periodically(loop, sync_interval_s), name="policy-sync")
+        try:
+            yield loop
+        finally:
+            watcher.cancel()
+            if scheduler is not None:
+                stop_scheduler(scheduler)
+            await loop.shutdown()
+
+    return hook
+
+
+#: The hook ``reverie serve`` uses.
+improvement_hook = make_improvement_hook()
 
 
 def _flags(command: str, **options: object) -> list[str]:
