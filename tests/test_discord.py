@@ -17,8 +17,8 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import select
 
-from bot.adapters.discord import SEND_FAILED_TEXT, STALE_COMMAND_TEXT, run_discord
-from bot.events import encode_feedback
+from bot.adapters.discord import SEND_FAILED_TEXT, STALE_COMMAND_TEXT, outgoing_messages, run_discord
+from bot.events import Reply, encode_feedback
 from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
 from bot.settings import Settings
@@ -63,7 +63,13 @@ class EchoPolicy:
 
 @asynccontextmanager
 async def running_bot(
-    fake: FakeDiscord, store: Store, tmp_path: Path, *, guild: bool = True, defer_after_s: float = 2.0
+    fake: FakeDiscord,
+    store: Store,
+    tmp_path: Path,
+    *,
+    guild: bool = True,
+    defer_after_s: float = 2.0,
+    session: int = 1,
 ) -> AsyncIterator[DialogueService]:
     """The real service served by ``run_discord`` against ``fake``, connected and with commands synced."""
     settings = Settings(
@@ -78,7 +84,7 @@ async def running_bot(
     stop = asyncio.Event()
     runner = asyncio.create_task(run_discord(service, settings, stop, defer_after_s=defer_after_s))
     try:
-        await fake.wait_until_ready(fake.guild_id if guild else None)
+        await fake.wait_until_ready(fake.guild_id if guild else None, session=session)
         yield service
     finally:
         stop.set()
@@ -238,6 +244,20 @@ async def test_forget_admin_refusal_and_bad_buttons(fake: FakeDiscord, sqlite_st
     assert not fake.unknown_calls
 
 
+async def test_feedback_buttons_work_after_a_restart(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
+    dm_channel = fake.dm_channel_id(ALICE)
+    async with running_bot(fake, sqlite_store, tmp_path):
+        await fake.send_user_message(ALICE, "a city break", dm=True)
+        _, reply = await fake.wait_for_channel_messages(dm_channel, 2)
+    # A new process: nothing in memory knows that message, the custom id alone carries the vote.
+    async with running_bot(fake, sqlite_store, tmp_path, session=2):
+        click = await fake.wait_for_interaction(await fake.click_button(ALICE, reply, custom_ids(reply)[1]))
+        assert "👎" in only(click.texts()) and is_ephemeral(click.visible()[0])
+    conversation = only(await conversations_of(sqlite_store, ALICE))
+    feedback = only(await all_feedback(sqlite_store))
+    assert (feedback.turn_id, feedback.value) == ((await agent_turn_ids(sqlite_store, conversation.id))[-1], -1.0)
+
+
 async def test_slow_answers_are_deferred_then_followed_up(
     fake: FakeDiscord, sqlite_store: Store, tmp_path: Path
 ) -> None:
@@ -273,12 +293,13 @@ async def test_stale_command_and_failed_send_are_answered_and_the_bot_goes_on(
         log = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "teleport"))
         assert only(log.texts()) == STALE_COMMAND_TEXT and is_ephemeral(log.visible()[0])
 
-        # Discord refuses the first reply: logged, apologised for, and the next message is answered.
+        # Discord refuses typing and the first reply: logged, apologised for, and the next message is answered.
+        fake.fail_next("POST", rf"/channels/{fake.dm_channel_id(ALICE)}/typing")
         fake.fail_next("POST", rf"/channels/{fake.dm_channel_id(ALICE)}/messages")
         await fake.send_user_message(ALICE, "Lisbon?", dm=True)
         [apology] = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 1)
         assert apology["content"] == SEND_FAILED_TEXT
-        assert "sending to channel" in caplog.text and "403" in caplog.text
+        assert "sending to channel" in caplog.text and "typing indicator refused" in caplog.text
         await fake.send_user_message(ALICE, "or Porto?", dm=True)
         _, answer = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 2)
         assert answer["content"] == "You said: or Porto?"
@@ -327,3 +348,14 @@ async def test_no_token_means_discord_is_off(sqlite_store: Store, tmp_path: Path
     service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
     await asyncio.wait_for(run_discord(service, settings, asyncio.Event()), 5)  # returns instead of serving
     holder.close()
+
+
+def test_long_replies_are_split_with_buttons_on_the_last_piece_only() -> None:
+    long_reply = Reply(chunks=("a" * 1990, "b" * 2500), turn_id=7)
+    notice = Reply(chunks=("Saved.",), private=True)
+    messages = outgoing_messages([long_reply, notice])
+    assert [len(m.text) for m in messages] == [1990, 2000, 500, 6]
+    assert [m.turn_id for m in messages] == [None, None, 7, None]
+    assert [m.private for m in messages] == [False, False, False, True]
+    view = messages[2].view()
+    assert view is not None and [item.custom_id for item in view.children] == ["fb:7:up", "fb:7:down"]

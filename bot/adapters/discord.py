@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -93,6 +93,22 @@ def strip_mention(content: str, bot_id: int) -> str:
 def split_for_discord(text: str, limit: int = TEXT_LIMIT) -> list[str]:
     """``text`` in pieces of at most ``limit`` characters (the service already chunks; this is a safety net)."""
     return [text[start : start + limit] for start in range(0, len(text), limit)] or [""]
+
+
+@contextlib.asynccontextmanager
+async def typing_in(channel: discord.abc.Messageable) -> AsyncIterator[None]:
+    """Show "typing…" in ``channel`` while the body runs; a refused typing call never blocks the reply."""
+    typing = channel.typing()
+    try:
+        await typing.__aenter__()
+    except discord.HTTPException as error:
+        _log.warning("Discord: typing indicator refused (%s %s); answering without it", error.status, error.text)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await typing.__aexit__(None, None, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +321,7 @@ class ReverieDiscordClient(discord.Client):
         chat = chat_from_message(message)
         with self._tracked():
             try:
-                async with message.channel.typing():
+                async with typing_in(message.channel):
                     replies = await self._replies_for_text(chat, text)
             except Exception:
                 _log.exception("Discord: handling a message in channel %s failed", message.channel.id)

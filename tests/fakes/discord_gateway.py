@@ -145,6 +145,8 @@ class FakeDiscord:
         self._sequence = itertools.count(1)
         self._changed = asyncio.Condition()
         self._identified = asyncio.Event()
+        #: IDENTIFYs accepted so far: one per (re)started bot.
+        self.sessions = 0
         self._sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self._patched: list[tuple[object, str, object]] = []
@@ -206,11 +208,17 @@ class FakeDiscord:
                 f"fake Discord: timed out waiting for {what}; REST calls: {self.call_summary()}"
             ) from None
 
-    async def wait_until_ready(self, commands_in: int | None, *, timeout: float = 30.0) -> None:
-        """Wait for IDENTIFY and for the bot's commands registered in a guild (or globally, ``None``)."""
-        await asyncio.wait_for(self._identified.wait(), timeout)
+    async def wait_until_ready(self, commands_in: int | None, *, session: int = 1, timeout: float = 30.0) -> None:
+        """Wait until the ``session``-th connection identified and synced its commands to a guild (``None``: global).
+
+        A restarted bot is the second session, and so on.
+        """
+        scope = f"guilds/{commands_in}/commands" if commands_in is not None else "commands"
+        pattern = rf"/applications/{self.application_id}/{scope}"
         await self.wait_for(
-            lambda: commands_in in self.commands, timeout=timeout, what=f"command sync to {commands_in}"
+            lambda: self.sessions >= session and len(self.calls_to("PUT", pattern)) >= session,
+            timeout=timeout,
+            what=f"session {session} to identify and sync commands ({scope})",
         )
 
     def fail_next(self, method: str, pattern: str, *, status: int = 403, message: str = "Missing Permissions") -> None:
@@ -387,7 +395,9 @@ class FakeDiscord:
         }
         await socket.send_json({"op": 0, "t": "READY", "s": next(self._sequence), "d": ready})
         await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": self._guild_payload()})
+        self.sessions += 1
         self._identified.set()
+        await self._notify()
 
     # --- payloads ----------------------------------------------------------------------------------
 
