@@ -24,7 +24,10 @@ SCRIPTED_PREFIX = "scripted:"
 def load_policies(
     sources: list[str], task: TaskSpec, *, base_model: str, cache_dir: Path | None, device: str
 ) -> list[Policy]:
-    """Policies by source: ``base``, a checkpoint directory, or ``scripted:<behaviour>`` (a scripted agent)."""
+    """Policies by source: ``base``, a checkpoint directory, or ``scripted:<behaviour>`` (a scripted agent).
+
+    ``device`` may be ``auto`` (CUDA when available); torch is imported only for learned policies.
+    """
     from imagine.simulated import BEHAVIOURS, BehaviourPolicy
 
     policies: list[Any] = []
@@ -49,7 +52,11 @@ def load_policies(
                 raise typer.BadParameter(
                     f"{source!r} is neither 'base' nor a checkpoint directory", param_hint="--policy"
                 )
-            policies.append(load_policy(source, task=task, base_model=base_model, cache_dir=cache_dir, device=device))
+            policies.append(
+                load_policy(
+                    source, task=task, base_model=base_model, cache_dir=cache_dir, device=_resolve_device(device)
+                )
+            )
     except BaseException:
         for policy in policies:
             policy.close()
@@ -154,7 +161,7 @@ def register(app: typer.Typer) -> None:
             task,
             base_model=model_name,
             cache_dir=settings.resolved_model_cache_dir,
-            device=_resolve_device(device or settings.device),
+            device=device or settings.device,
         )
         try:
             report = asyncio.run(

@@ -1,0 +1,229 @@
+"""The evaluation runner, reports, the LLM-driven user and ``reverie eval``."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from typer.testing import CliRunner
+
+from imagine.simulated import BehaviourPolicy, LLMUser, scripted_task
+from imagine.simulated.llm_user import END_MARKER, parse_judgement
+from imagine.simulated.travel import BY_KEY
+from imagine.task import load_task
+from learning.evaluation import evaluate, evaluate_async, wilson_interval
+from learning.interface import Message
+from learning.report import write_report
+from storage import Store
+
+TRAVEL = load_task("travel")
+
+
+class RecordingPolicy:
+    """A real policy (a scripted behaviour) that records how it was called."""
+
+    version_id: int | None = None
+
+    def __init__(self, behaviour: str = "careful", fail_at_call: int | None = None) -> None:
+        self._inner = BehaviourPolicy("travel", behaviour)
+        self.name = f"recording:{behaviour}"
+        self.batch_sizes: list[int] = []
+        self.fail_at_call = fail_at_call
+
+    def respond_batch(self, histories: Sequence[Sequence[Message]], *, seed: int | None = None) -> list[str]:
+        self.batch_sizes.append(len(histories))
+        if self.fail_at_call is not None and len(self.batch_sizes) > self.fail_at_call:
+            raise RuntimeError("out of memory")
+        return self._inner.respond_batch(histories, seed=seed)
+
+    async def respond(self, history: Sequence[Message]) -> str:
+        return self.respond_batch([history])[0]
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [(0, 10, 0.0, 0.2775), (5, 10, 0.2366, 0.7634), (10, 10, 0.7225, 1.0), (37, 100, 0.2818, 0.4678)],
+)
+def test_wilson_interval(successes: int, n: int, low: float, high: float) -> None:
+    assert wilson_interval(successes, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_every_policy_meets_the_same_personas_and_runs_in_lockstep() -> None:
+    careful, eager = RecordingPolicy("careful"), RecordingPolicy("eager")
+    report = evaluate([careful, eager], TRAVEL, episodes=40, seed=3, progress=False, batch_size=16)
+    first, second = report.results
+    assert [e.persona for e in first.episodes] == [e.persona for e in second.episodes]
+    assert first.success_rate == 1.0 and second.success_rate < 0.5
+    assert first.mean_turns == 5.0  # opening, three questions, the recommendation
+    # Lockstep: per agent turn one pass over all open episodes, in chunks of at most 16.
+    assert careful.batch_sizes == [16, 16, 8] * 5
+    assert max(eager.batch_sizes) == 16 and sum(eager.batch_sizes) == sum(e.agent_turns for e in second.episodes)
+    again = evaluate(
+        [RecordingPolicy("careful"), RecordingPolicy("eager")],
+        TRAVEL,
+        episodes=40,
+        seed=3,
+        progress=False,
+        batch_size=16,
+    )
+    assert [e.turns for r in again.results for e in r.episodes] == [e.turns for r in report.results for e in r.episodes]
+    other_seed = evaluate([RecordingPolicy("careful")], TRAVEL, episodes=40, seed=4, progress=False)
+    assert [e.persona for e in other_seed.results[0].episodes] != [e.persona for e in first.episodes]
+
+
+def test_a_failing_policy_is_reported_and_does_not_stop_the_others() -> None:
+    broken = RecordingPolicy("careful", fail_at_call=2)
+    report = evaluate([broken, RecordingPolicy("careful")], TRAVEL, episodes=10, seed=0, progress=False)
+    failed, fine = report.results
+    assert failed.error is not None and "out of memory" in failed.error
+    assert failed.success_rate == 0.0 and failed.outcomes() == {"policy_error": 10}
+    assert fine.error is None and fine.success_rate == 1.0
+
+
+def test_scripted_users_require_a_task_with_one(tmp_path: Path) -> None:
+    custom = TRAVEL.model_copy(update={"name": "museum"})
+    with pytest.raises(ValueError, match="no scripted user"):
+        evaluate([RecordingPolicy()], custom, episodes=2, progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        evaluate([RecordingPolicy()], TRAVEL, users="llm", episodes=2, progress=False)
+
+
+async def test_evaluation_episodes_are_stored_as_simulated_never_real(store: Store) -> None:
+    report = await evaluate_async(
+        [BehaviourPolicy("travel", "careful"), BehaviourPolicy("travel", "eager")],
+        TRAVEL,
+        episodes=6,
+        seed=1,
+        store=store,
+        progress=False,
+    )
+    assert await store.count_conversations(source="evaluation", task="travel") == 12
+    assert await store.count_conversations(source="real") == 0
+    episode = report.results[1].episodes[2]
+    assert episode.conversation_id is not None
+    stored = await store.get_conversation(episode.conversation_id)
+    assert stored is not None and stored.platform == "sim" and stored.reward == episode.reward
+    assert stored.persona == episode.persona and stored.meta["policy"] == "scripted:eager"
+    assert [(t.role, t.text) for t in await store.get_turns(episode.conversation_id)] == episode.turns
+
+
+def test_report_files(tmp_path: Path) -> None:
+    policies = [BehaviourPolicy("teaching", name) for name in ("careful", "sloppy", "eager")]
+    report = evaluate(policies, load_task("teaching"), episodes=30, seed=0, progress=False)
+    files = write_report(report, tmp_path / "out")
+    markdown = files.markdown.read_text()
+    careful = report.result("scripted:careful")
+    assert "| scripted:careful | 100.0 % |" in markdown and f"{100 * careful.interval[0]:.1f} %" in markdown
+    assert "## Success by persona type" in markdown and "| beginner |" in markdown
+    assert len(re.findall(r"^### scripted:sloppy, episode", markdown, flags=re.MULTILINE)) == 3
+    assert "Hidden persona: level=" in markdown
+    image = matplotlib.image.imread(files.plot)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    summary = json.loads(files.json.read_text())
+    assert [p["name"] for p in summary["policies"]] == ["scripted:careful", "scripted:sloppy", "scripted:eager"]
+    assert summary["policies"][0]["success_rate"] == 1.0
+
+
+class PersonaPlayingChat:
+    """A scripted chat backend implementing the LLM users' protocol: it plays the user from the hidden
+    prompt (answers with the persona's value when a question names an attribute) and judges by the rule."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict[str, str]]] = []
+
+    async def complete(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.8) -> str:
+        self.calls.append(messages)
+        system = messages[0]["content"]
+        if "judge" in system:
+            prompt = messages[-1]["content"]
+            persona = dict(re.findall(r"(\w+): (\w+)", prompt.split("hidden persona")[1].split("\n")[0]))
+            fitting = BY_KEY[(persona["interest"], persona["budget"], persona["companions"])].name
+            agent_lines = [line for line in prompt.splitlines() if line.startswith("Agent:")]
+            return json.dumps({"reward": int(fitting in agent_lines[-1]), "reason": "rule"})
+        persona = dict(re.findall(r"(\w+): (\w+)", system.split("Your hidden persona:")[1].split("\n")[0]))
+        agent = messages[-1]["content"].lower()
+        assert messages[-1]["role"] == "user"  # the agent speaks as "user" to the user model
+        if any(activity.name in agent for activity in BY_KEY.values()):
+            return f"Thanks! {END_MARKER}"
+        travel = scripted_task("travel")  # answers in the scripted agents' vocabulary, so they understand
+        asked = travel.asked_attributes(agent)
+        return " ".join(travel.attribute(name).answers[persona[name]][0] for name in asked) or "A trip."
+
+
+async def test_llm_users_play_hidden_personas_and_the_judge_scores() -> None:
+    chat = PersonaPlayingChat()
+    report = await evaluate_async(
+        [BehaviourPolicy("travel", "careful")], TRAVEL, users="llm", episodes=4, seed=0, backend=chat, progress=False
+    )
+    result = report.results[0]
+    assert result.success_rate == 1.0 and result.outcomes() == {"judged_success": 4}
+    assert all(END_MARKER not in text for e in result.episodes for _, text in e.turns)
+    user_prompts = [call[0]["content"] for call in chat.calls if "judge" not in call[0]["content"]]
+    assert "Your hidden persona: interest:" in user_prompts[0]
+
+
+async def test_llm_user_ends_and_scores_once() -> None:
+    class Fixed:
+        def __init__(self, replies: list[str]) -> None:
+            self.replies = replies
+
+        async def complete(self, messages: list[dict[str, str]], **options: object) -> str:
+            return self.replies.pop(0)
+
+    user = LLMUser(Fixed([f"Lovely, booked! {END_MARKER}"]), TRAVEL, {"interest": "food"}, judge=Fixed(["nonsense"]))
+    turn = await user.reply("Try the street food tour.")
+    assert turn.done and turn.text == "Lovely, booked!"
+    assert await user.score() == 0.0 and "unparseable" in user.reason
+    assert await user.score() == 0.0  # the judge is asked once (a second call would pop an empty list)
+    with pytest.raises(RuntimeError):
+        await user.reply("Hello?")
+
+
+@pytest.mark.parametrize(
+    ("text", "reward"),
+    [
+        ('{"reward": 1, "reason": "fits"}', 1.0),
+        ('Sure! ```json\n{"reward": 0, "reason": "wrong"}\n```', 0.0),
+        ('{"reward": 0.5}', 0.5),
+        ("reward: 1", 1.0),
+        ('{"reward": 7}', 1.0),
+        ("I think so", 0.0),
+    ],
+)
+def test_parse_judgement(text: str, reward: float) -> None:
+    assert parse_judgement(text)[0] == reward
+
+
+def test_eval_command_writes_a_report_and_stores_episodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    args = ["eval", "--task", "travel", "--policy", "scripted:careful", "--policy", "scripted:eager"]
+    result = CliRunner().invoke(app, [*args, "--episodes", "12", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "report.png").stat().st_size > 10_000
+    assert (tmp_path / "data" / "reverie.db").is_file()
+    bad = CliRunner().invoke(app, ["eval", "--task", "travel", "--policy", "scripted:genius", "--no-store"])
+    assert bad.exit_code == 2 and "unknown scripted behaviour" in bad.output
+
+
+def test_base_policy_from_a_tiny_model_can_be_evaluated(tmp_path: Path) -> None:
+    policy_module = pytest.importorskip("learning.policy", reason="learning.policy.load_policy not committed yet")
+    policy = policy_module.load_policy("base", task=TRAVEL, base_model="tiny", max_new_tokens=8)
+    try:
+        report = evaluate([policy, BehaviourPolicy("travel", "careful")], TRAVEL, episodes=4, seed=0, progress=False)
+    finally:
+        policy.close()
+    base = report.results[0]
+    assert base.n == 4 and all(e.turns and e.turns[0][0] == "agent" for e in base.episodes)
+    assert base.success_rate <= report.results[1].success_rate
+    assert write_report(report, tmp_path).markdown.is_file()
