@@ -276,6 +276,14 @@ async def test_slow_answers_are_deferred_then_followed_up(
         conversation = only(await conversations_of(sqlite_store, ALICE))
         assert (conversation.reward, conversation.reward_source) == (0.75, "rating")
 
+        # Several replies: the first one replaces "thinking…", the next one is a follow-up with its buttons.
+        reset = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "reset"), messages=2)
+        assert reset.texts() == ["There was nothing to reset; here's a fresh start.", TASK.opening_line]
+        notice, fresh = reset.visible()
+        assert notice is reset.original and custom_ids(notice) == []
+        assert not is_ephemeral(fresh) and len(custom_ids(fresh)) == 2
+        assert only(fake.calls_to("POST", rf"/webhooks/{fake.application_id}/{reset.token}")).body["components"]
+
         # A click deferred ephemerally: the toast replaces the private "thinking…".
         click = await fake.wait_for_interaction(await fake.click_button(ALICE, opening, custom_ids(opening)[1]))
         assert click.callback_type == CALLBACK_DEFERRED_MESSAGE and is_ephemeral(only(click.visible()))

@@ -314,6 +314,8 @@ class ReverieDiscordClient(discord.Client):
         me = self.user
         if me is None or message.author.bot or message.author.id == me.id:
             return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return  # joins, pins, calls, …: nothing a user said
         is_dm = message.guild is None
         if not is_dm and not any(user.id == me.id for user in message.mentions):
             return
