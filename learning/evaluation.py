@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -199,16 +200,40 @@ class EvaluationReport:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def evaluation_personas(task: TaskSpec, episodes: int, seed: int) -> list[dict[str, Any]]:
-    """The hidden personas an evaluation uses: the scripted persona space where the task has one."""
+async def evaluation_personas(
+    task: TaskSpec, episodes: int, seed: int, backend: ChatCompleter | None = None
+) -> list[dict[str, Any]]:
+    """The hidden personas an evaluation uses, the same for every policy.
+
+    Tasks with a scripted user use its persona space (no backend needed). Other tasks ask ``backend`` for
+    one concrete persona per episode along the task's persona hints (a JSON object of trait → value).
+    """
     if task.name in scripted_tasks():
         return [dict(p) for p in scripted_task(task.name).sample_personas(episodes, seed)]
-    # Tasks without a scripted user: one persona per episode from the task's persona hints.
-    personas = []
-    for index in range(episodes):
-        rng = stable_rng("llm-persona", task.name, seed, index)
-        personas.append({f"trait_{n + 1}": hint for n, hint in enumerate(rng.sample(task.persona_hints, k=1))})
-    return personas
+    if backend is None:
+        raise ValueError(f"task {task.name!r} has no scripted personas: give a backend to invent them")
+    return list(await asyncio.gather(*(_invent_persona(task, backend, seed, index) for index in range(episodes))))
+
+
+async def _invent_persona(task: TaskSpec, backend: ChatCompleter, seed: int, index: int) -> dict[str, Any]:
+    # The episode number and seed in the prompt make parallel requests differ even at equal temperature.
+    rng = stable_rng("llm-persona", task.name, seed, index)
+    hints = "\n".join(f"- {hint}" for hint in rng.sample(task.persona_hints, k=len(task.persona_hints)))
+    prompt = (
+        f"Invent user #{index} (seed {seed}) for this situation: {task.user_role}.\n"
+        f"Choose one concrete value for each of these traits:\n{hints}\n"
+        'Answer with one JSON object only, trait name → value, e.g. {"budget": "tight"}.'
+    )
+    text = await backend.complete([{"role": "user", "content": prompt}], max_tokens=160, temperature=1.0)
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if match:
+        try:
+            data = json.loads(match.group(0))
+            if isinstance(data, dict) and data:
+                return {str(key): value for key, value in data.items()}
+        except ValueError:
+            pass
+    return {"description": text.strip()[:500] or "an ordinary user"}
 
 
 def _persona_type(task: TaskSpec, persona: Mapping[str, Any]) -> str:
@@ -257,12 +282,14 @@ async def evaluate_async(
         raise ValueError(f"users must be 'scripted' or 'llm', not {users!r}")
     if users == "scripted" and task.name not in scripted_tasks():
         raise ValueError(f"task {task.name!r} has no scripted user (have: {', '.join(scripted_tasks())}); use llm")
+    if users == "llm" and backend is None:
+        raise ValueError("users='llm' needs backend=<a chat backend> (and optionally judge=)")
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
     if not policies:
         raise ValueError("give at least one policy")
     limit = max_turns or task.max_turns
-    personas = evaluation_personas(task, episodes, seed)
+    personas = await evaluation_personas(task, episodes, seed, backend if users == "llm" else None)
     started = datetime.now(UTC)
     results: list[PolicyResult] = []
     with _progress(progress) as bar:

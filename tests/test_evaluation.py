@@ -186,6 +186,28 @@ async def test_llm_user_ends_and_scores_once() -> None:
         await user.reply("Hello?")
 
 
+async def test_llm_users_on_a_task_without_scripted_personas_get_invented_ones() -> None:
+    class Improviser:
+        """Invents a persona from the episode number, ends every episode at once, judges by persona."""
+
+        async def complete(self, messages: list[dict[str, str]], **options: object) -> str:
+            text = messages[-1]["content"]
+            if text.startswith("Invent user #"):
+                number = int(text.removeprefix("Invent user #").split(" ")[0])
+                return f'Here: {{"interest": "art", "visitor": {number}}}'
+            if "judge" in messages[0]["content"]:
+                return json.dumps({"reward": int("visitor: 2" in text)})
+            return f"Fine. {END_MARKER}"
+
+    museum = TRAVEL.model_copy(update={"name": "museum"})
+    policies = [BehaviourPolicy("travel", "careful"), BehaviourPolicy("travel", "eager")]
+    report = await evaluate_async(policies, museum, users="llm", episodes=3, backend=Improviser(), progress=False)
+    for result in report.results:
+        assert [e.persona for e in result.episodes] == [{"interest": "art", "visitor": n} for n in range(3)]
+        assert [e.reward for e in result.episodes] == [0.0, 0.0, 1.0]
+        assert all(e.agent_turns == 1 for e in result.episodes)
+
+
 @pytest.mark.parametrize(
     ("text", "reward"),
     [
