@@ -53,7 +53,7 @@ COMMANDS: tuple[CommandInfo, ...] = (
 )
 
 POLICY_APOLOGY = "Sorry, I couldn't come up with a reply just now. Your message is saved; please try again."
-STORAGE_APOLOGY = "Sorry, something went wrong on my side and nothing was saved. Please try again in a moment."
+STORAGE_APOLOGY = "Sorry, I couldn't save that just now (a problem on my side). Please try again in a moment."
 SHUTTING_DOWN = "I'm restarting right now. Please send that again in a minute."
 NO_IMPROVER = "The improvement loop is not running in this process, so there is nothing to {what}."
 

@@ -278,7 +278,7 @@ async def test_database_failure_becomes_an_apology(tmp_path) -> None:
     (tmp_path / "gone.db").unlink()
     (tmp_path / "gone.db").mkdir()  # the file is now a directory: every query fails
     replies = await service.handle_message(ALICE, "hello?")
-    assert replies[0].is_error and "nothing was saved" in replies[0].text
+    assert replies[0].is_error and "couldn't save that" in replies[0].text
     assert "try again" in await service.handle_feedback(ALICE, encode_feedback(1, True))
     assert (await service.handle_command(ALICE, "start"))[0].is_error
     await database.dispose()
@@ -397,3 +397,16 @@ async def test_every_reply_fits_its_platform(sqlite_store: Store, platform: str)
     chat = ChatRef(platform=platform, chat_id="1", user_id="1")
     replies: list[Reply] = await service.handle_message(chat, "LONG " + "word " * 30_000)
     assert all(len(chunk) <= PLATFORM_TEXT_LIMITS[platform] for r in replies for chunk in r.chunks)
+
+
+async def test_command_names_are_normalised_and_start_replaces_an_open_conversation(sqlite_store: Store) -> None:
+    service = make_service(sqlite_store)
+    first = await service.handle_message(ALICE, "hi")
+    again = await service.handle_command(ALICE, "/START@ReverieBot")
+    assert [r.text for r in again] == [TASK.opening_line]
+    old = await sqlite_store.get_conversation((await sqlite_store.get_turn(first[1].turn_id)).conversation_id)
+    assert old.status == ConversationStatus.CLOSED and old.reward is None
+    reset = await service.handle_command(ALICE, "reset")
+    assert reset[0].text == "Okay, let's start over." and reset[1].text == TASK.opening_line
+    assert await sqlite_store.count_conversations() == 3
+    assert [c.name for c in service.commands if c.admin_only] == ["status", "retrain", "rollback"]
