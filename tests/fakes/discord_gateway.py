@@ -290,6 +290,8 @@ class FakeDiscord:
 
     async def click_button(self, user: FakeUser, message: dict[str, Any], custom_id: str) -> InteractionLog:
         """A user clicks the button ``custom_id`` on ``message`` (a payload the bot sent)."""
+        if custom_id not in custom_ids(message):
+            raise AssertionError(f"no button {custom_id!r} on that message: {custom_ids(message)}")
         dm = "guild_id" not in message
         data = {"custom_id": custom_id, "component_type": 2}
         return await self._interact(user, type_=3, data=data, dm=dm, message=message)
