@@ -66,6 +66,7 @@ def test_scripted_users_understand_paraphrased_questions(task_name: str, questio
         ("I recommend the market picnic.", 1.0, "fit"),
         ("You should try the Market Picnic!", 1.0, "fit"),
         ("How about a market picnic?", 1.0, "fit"),
+        ("Market picnics are great for you.", 1.0, "fit"),
         ("The street food tour would be perfect for you.", 0.0, "misfit"),
         ("I'd suggest the safari park.", 0.0, "misfit"),
         ("Try the market picnic or the street food tour.", 0.0, "hedged"),

@@ -59,7 +59,8 @@ CATALOGUE: tuple[Activity, ...] = (
 BY_KEY: dict[tuple[str, str, str], Activity] = {activity.key: activity for activity in CATALOGUE}
 
 _ACTIVITY_PATTERNS: tuple[tuple[Activity, re.Pattern[str]], ...] = tuple(
-    (activity, re.compile(r"\b(?:" + "|".join(re.escape(p) for p in activity.phrases) + r")\b"))
+    # A trailing plural ("the street food tours") still names the activity.
+    (activity, re.compile(r"\b(?:" + "|".join(re.escape(p) for p in activity.phrases) + r")s?\b"))
     for activity in CATALOGUE
 )
 
