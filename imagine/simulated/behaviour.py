@@ -15,6 +15,7 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from imagine.simulated.base import (
@@ -230,6 +231,7 @@ async def generate_and_save(
     return await save_scripted_dialogues(store, generate_scripted_dialogues(task_name, n, seed, mix))
 
 
+@cache
 def _max_turns(task_name: str) -> int:
     return load_task(task_name).max_turns
 

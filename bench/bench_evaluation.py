@@ -1,0 +1,104 @@
+"""Benchmark: scripted dialogue generation and evaluation throughput (and a learned policy's, if available).
+
+Usage: ``.venv/bin/python bench/bench_evaluation.py [--episodes 200] [--base-model tiny|smollm2] [--no-append]``
+Prints a rich table and appends a Markdown section to BENCHMARKS.md with the reproducing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from imagine.simulated import BEHAVIOURS, BehaviourPolicy, generate_scripted_dialogues  # noqa: E402
+from imagine.task import load_task  # noqa: E402
+from learning.evaluation import evaluate  # noqa: E402
+
+Row = tuple[str, str, int, float, str]
+
+
+def _timed(label: str, unit: str, count: int, run: Callable[[], str]) -> Row:
+    start = time.perf_counter()
+    note = run()
+    seconds = time.perf_counter() - start
+    return (label, unit, count, seconds, note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--dialogues", type=int, default=2000)
+    parser.add_argument("--base-model", default="tiny", help="base model for the learned-policy row (tiny|smollm2)")
+    parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    rows: list[Row] = []
+    for task_name in ("travel", "teaching"):
+
+        def generate(task_name: str = task_name) -> str:
+            records = generate_scripted_dialogues(task_name, args.dialogues, seed=0)
+            return f"success {sum(r.reward or 0 for r in records) / len(records):.1%}"
+
+        rows.append(_timed(f"generate scripted ({task_name})", "dialogues", args.dialogues, generate))
+
+        def run_eval(task_name: str = task_name) -> str:
+            policies = [BehaviourPolicy(task_name, name) for name in BEHAVIOURS]
+            report = evaluate(policies, load_task(task_name), episodes=args.episodes, seed=0, progress=False)
+            return ", ".join(f"{r.name.removeprefix('scripted:')} {r.success_rate:.0%}" for r in report.results)
+
+        rows.append(_timed(f"evaluate 4 scripted agents ({task_name})", "episodes", 4 * args.episodes, run_eval))
+    try:
+        from learning.policy import load_policy
+    except ImportError:
+        load_policy = None
+    if load_policy is not None:
+        task = load_task("travel")
+        policy = load_policy("base", task=task, base_model=args.base_model)
+
+        def run_base() -> str:
+            report = evaluate([policy], task, episodes=args.episodes, seed=0, progress=False)
+            result = report.results[0]
+            return f"success {result.success_rate:.0%}, {result.mean_turns:.1f} agent turns/episode"
+
+        try:
+            rows.append(_timed(f"evaluate base {args.base_model} (travel)", "episodes", args.episodes, run_base))
+        finally:
+            policy.close()
+
+    table = Table(title="Simulated users: generation and evaluation throughput")
+    for column in ("what", "count", "seconds", "per second", "result"):
+        table.add_column(column, justify="left" if column in ("what", "result") else "right")
+    for label, unit, count, seconds, note in rows:
+        table.add_row(label, f"{count} {unit}", f"{seconds:.2f}", f"{count / seconds:,.0f}", note)
+    Console().print(table)
+    if not args.no_append:
+        command = "    .venv/bin/python bench/bench_evaluation.py " + " ".join(sys.argv[1:])
+        lines = [
+            "",
+            f"## Simulated users: generation and evaluation throughput ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+            "",
+            f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
+            "CPU only; reproduce with:",
+            "",
+            command.rstrip(),
+            "",
+            "| what | count | seconds | per second | result |",
+            "|---|---:|---:|---:|---|",
+            *[f"| {lbl} | {n} {u} | {s:.2f} | {n / s:,.0f} | {note} |" for lbl, u, n, s, note in rows],
+            "",
+        ]
+        with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
