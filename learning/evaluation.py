@@ -164,6 +164,24 @@ class PolicyResult:
         }
 
 
+def paired_difference(candidate: PolicyResult, baseline: PolicyResult, z: float = 1.96) -> tuple[float, float, float]:
+    """(mean reward difference candidate − baseline, 95 % CI low, high) over the shared personas.
+
+    Both results must come from the same :func:`evaluate` call (episode ``i`` is persona ``i`` for both), so
+    the per-episode differences are paired, which gives a tighter interval than comparing two rates.
+    """
+    if [e.index for e in candidate.episodes] != [e.index for e in baseline.episodes]:
+        raise ValueError("paired comparison needs results over the same episodes (one evaluate() call)")
+    differences = [a.reward - b.reward for a, b in zip(candidate.episodes, baseline.episodes, strict=True)]
+    n = len(differences)
+    if n == 0:
+        return (0.0, -1.0, 1.0)
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(variance / n)
+    return (mean, mean - half, mean + half)
+
+
 @dataclass(slots=True)
 class EvaluationReport:
     """The results of :func:`evaluate`: one :class:`PolicyResult` per policy, same personas for all."""
@@ -514,5 +532,6 @@ __all__ = [
     "evaluate",
     "evaluate_async",
     "evaluation_personas",
+    "paired_difference",
     "wilson_interval",
 ]

@@ -15,7 +15,7 @@ from imagine.simulated import BehaviourPolicy, LLMUser, scripted_task
 from imagine.simulated.llm_user import END_MARKER, parse_judgement
 from imagine.simulated.travel import BY_KEY
 from imagine.task import load_task
-from learning.evaluation import evaluate, evaluate_async, wilson_interval
+from learning.evaluation import evaluate, evaluate_async, paired_difference, wilson_interval
 from learning.interface import Message
 from learning.report import write_report
 from storage import Store
@@ -74,6 +74,10 @@ def test_every_policy_meets_the_same_personas_and_runs_in_lockstep() -> None:
         batch_size=16,
     )
     assert [e.turns for r in again.results for e in r.episodes] == [e.turns for r in report.results for e in r.episodes]
+    difference, low, high = paired_difference(first, second)
+    assert difference == pytest.approx(first.mean_reward - second.mean_reward) and 0 < low < difference < high
+    with pytest.raises(ValueError, match="same episodes"):
+        paired_difference(first, evaluate([RecordingPolicy()], TRAVEL, episodes=5, progress=False).results[0])
     other_seed = evaluate([RecordingPolicy("careful")], TRAVEL, episodes=40, seed=4, progress=False)
     assert [e.persona for e in other_seed.results[0].episodes] != [e.persona for e in first.episodes]
 
@@ -240,12 +244,14 @@ def test_eval_command_writes_a_report_and_stores_episodes(tmp_path: Path, monkey
 
 def test_base_policy_from_a_tiny_model_can_be_evaluated(tmp_path: Path) -> None:
     policy_module = pytest.importorskip("learning.policy", reason="learning.policy.load_policy not committed yet")
-    policy = policy_module.load_policy("base", task=TRAVEL, base_model="tiny", max_new_tokens=8)
+    policy = policy_module.load_policy("base", task=TRAVEL, base_model="tiny", max_new_tokens=6)
     try:
-        report = evaluate([policy, BehaviourPolicy("travel", "careful")], TRAVEL, episodes=4, seed=0, progress=False)
+        # Two agent turns keep the random tiny model cheap; the careful agent cannot finish in two either.
+        policies = [policy, BehaviourPolicy("travel", "careful")]
+        report = evaluate(policies, TRAVEL, episodes=3, seed=0, progress=False, max_turns=2)
     finally:
         policy.close()
-    base = report.results[0]
-    assert base.n == 4 and all(e.turns and e.turns[0][0] == "agent" for e in base.episodes)
-    assert base.success_rate <= report.results[1].success_rate
-    assert write_report(report, tmp_path).markdown.is_file()
+    base, careful = report.results
+    assert base.n == 3 and all(e.turns and e.turns[0][0] == "agent" and e.agent_turns <= 2 for e in base.episodes)
+    assert careful.outcomes() == {"turn_limit": 3} and careful.success_rate == 0.0
+    assert "| base" in write_report(report, tmp_path).markdown.read_text()
