@@ -1,16 +1,89 @@
-"""``reverie train``."""
+"""``reverie train``: BC, filtered BC or ILQL on imagined and real dialogues; writes a checkpoint directory.
+
+Data comes from ``--dialogues FILE.jsonl`` (``DialogueRecord.to_dict()`` lines, as the improvement loop
+writes them) or, without it, from the database (closed, rewarded dialogues of ``--task``). Bad data exits
+with status 1 and a message that says what is wrong.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
 import typer
 
-from bot.commands import not_implemented
+from bot.commands import console
+from bot.context import configure_logging, open_store
+from bot.settings import Settings
 
 
 def register(app: typer.Typer) -> None:
     """Add ``train`` to the CLI."""
 
     @app.command("train")
-    def train() -> None:
-        """Not implemented yet."""
-        not_implemented("reverie train")
+    def train(
+        algo: str = typer.Option("ilql", help="bc | fbc | ilql | ilql-token | ilql-utterance"),
+        task: str = typer.Option(None, help="Task name or TOML path (default: TASK setting)."),
+        dialogues: Path = typer.Option(None, help="JSONL of dialogues; default: read from the database."),
+        real_ratio: float = typer.Option(None, help="Share of real dialogues per batch (default IMPROVE_REAL_RATIO)."),
+        steps: int = typer.Option(None, help="Policy-stage optimizer steps (default IMPROVE_STEPS)."),
+        value_steps: int = typer.Option(None, help="Value-stage steps (ILQL) on cached features."),
+        out: Path = typer.Option(None, help="Checkpoint directory (default DATA_DIR/policies/<algo>-<time>)."),
+        init_from: Path = typer.Option(None, help="Continue from this checkpoint's adapter."),
+        base_model: str = typer.Option(None, help="smollm2 | tiny | a path (default BASE_MODEL)."),
+        seed: int = typer.Option(0),
+        batch_size: int = typer.Option(None),
+        time_limit_minutes: float = typer.Option(None, help="Stop and save when this much time has passed."),
+        quiet: bool = typer.Option(False, help="No progress bar."),
+    ) -> None:
+        """Train a policy checkpoint (ILQL by default) and print its path."""
+        from learning.checkpoint import CheckpointError
+        from learning.dataset import DatasetError
+        from learning.trainer import TrainConfig, TrainingError, load_dialogues_jsonl
+        from learning.trainer import train as run_training
+
+        settings = Settings()
+        configure_logging(settings.log_level)
+        try:
+            from imagine.task import TaskSpecError, load_task
+
+            spec = load_task(task or settings.task)
+        except TaskSpecError as error:
+            console.print(f"[red]reverie train: {error}[/red]")
+            raise typer.Exit(code=1) from error
+        try:
+            config = TrainConfig(
+                algorithm=algo,  # type: ignore[arg-type]
+                task=spec.name,
+                base_model=base_model or settings.base_model,
+                cache_dir=str(settings.resolved_model_cache_dir),
+                steps=steps or settings.improve_steps,
+                real_ratio=settings.improve_real_ratio if real_ratio is None else real_ratio,
+                seed=seed,
+                time_limit_minutes=time_limit_minutes,
+            )
+            if value_steps is not None:
+                config.value_steps = value_steps
+            if batch_size is not None:
+                config.batch_size = batch_size
+            if dialogues is not None:
+                records = load_dialogues_jsonl(dialogues)
+            else:
+                records = asyncio.run(_from_database(settings, spec.name))
+            target = out or settings.checkpoints_dir / f"{config.resolved_algorithm}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+            path = run_training(config, records, out_dir=target, init_from=init_from, progress=not quiet, task=spec)
+        except (DatasetError, TrainingError, CheckpointError) as error:
+            console.print(f"[red]reverie train: {error}[/red]")
+            raise typer.Exit(code=1) from error
+        except KeyboardInterrupt as error:
+            console.print("[yellow]interrupted: run the same command again to resume[/yellow]")
+            raise typer.Exit(code=130) from error
+        logging.getLogger(__name__).info("checkpoint written to %s", path)
+        typer.echo(str(path))
+
+
+async def _from_database(settings: Settings, task: str) -> list:
+    async with open_store(settings) as store:
+        return await store.dialogues_for_training(task=task)

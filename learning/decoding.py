@@ -1,0 +1,159 @@
+"""Batched decoding with the KV cache: plain sampling, ILQL-guided token scores, utterance reranking.
+
+Token level (Snell et al.): among the top-k tokens of π, sample from ``softmax((log π(a|s) + β·(Q̄(s,a) −
+V(s))) / temperature)``. With factorized Q heads, ``Q̄`` for the k candidates is k dot products with their
+embedding rows, so ILQL costs almost nothing over plain sampling.
+
+Utterance level: sample K replies per history from π, read ``Q̄(s, u) − V(s)`` from the hidden states at
+the prompt's end and at each reply's last token (both fall out of decoding for free), keep the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from learning.ilql import ValueHeads, token_advantages, utterance_scores
+from learning.lora import causal_lm, trunk
+from learning.trainer import autocast
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Sampling settings; ``temperature = 0`` is greedy, ``beta = 0`` ignores the value heads."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_k: int = 20
+    beta: float = 0.0
+    candidates: int = 1  # K replies per history for utterance-level reranking
+    bf16: bool = True
+
+
+@dataclass
+class Decoded:
+    """Generated token ids per row, and (when asked) the hidden states at the prompt end and reply end."""
+
+    tokens: list[list[int]]
+    state_hidden: torch.Tensor | None = None
+    end_hidden: torch.Tensor | None = None
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, so every row's next token goes at the same position."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    end_id: int,
+    pad_id: int,
+    config: DecodeConfig,
+    heads: ValueHeads | None = None,
+    generator: torch.Generator | None = None,
+    collect_hidden: bool = False,
+) -> Decoded:
+    """Generate one reply per prompt with the KV cache; ILQL-guided when ``heads`` and ``config.beta`` are set."""
+    decoder = trunk(model)
+    lm = causal_lm(model)
+    embedding = lm.get_output_embeddings().weight
+    head_bias = getattr(lm.get_output_embeddings(), "bias", None)
+    ids, mask = left_pad(prompts, pad_id)
+    batch = ids.shape[0]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool)
+    captured = torch.zeros(batch, dtype=torch.bool)
+    state_hidden = end_hidden = None
+    use_values = heads is not None and config.beta != 0.0
+    step_input, step_positions = ids, positions
+    for step in range(config.max_new_tokens + 1):
+        with autocast(config.bf16):
+            out = decoder(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        hidden = out.last_hidden_state[:, -1].float()
+        cache = out.past_key_values
+        if collect_hidden:
+            if state_hidden is None:
+                state_hidden, end_hidden = hidden.clone(), torch.zeros_like(hidden)
+            else:
+                # the hidden state after feeding a reply's last token is where Q(s, u) is read
+                just_done = (finished | (step == config.max_new_tokens)) & ~captured
+                end_hidden[just_done] = hidden[just_done]
+                captured |= just_done
+        if bool(finished.all()) or step == config.max_new_tokens:
+            break
+        logits = hidden @ embedding.float().t()
+        if head_bias is not None:
+            logits = logits + head_bias.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        k = min(config.top_k, log_probs.shape[-1]) if config.top_k > 0 else log_probs.shape[-1]
+        scores, candidates = log_probs.topk(k, dim=-1)
+        if use_values:
+            assert heads is not None
+            with autocast(config.bf16):
+                advantage = token_advantages(heads, embedding, hidden, candidates)
+            scores = scores + config.beta * advantage.float()
+        if config.temperature <= 0:
+            choice = scores.argmax(-1)
+        else:
+            choice = torch.multinomial(torch.softmax(scores / config.temperature, -1), 1, generator=generator).squeeze(
+                -1
+            )
+        next_tokens = candidates.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+        for row in (~finished).nonzero().flatten().tolist():
+            tokens[row].append(int(next_tokens[row]))
+        finished = finished | (next_tokens == end_id)
+        step_input = next_tokens.unsqueeze(-1)
+        step_positions = step_positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
+    return Decoded(tokens=tokens, state_hidden=state_hidden, end_hidden=end_hidden)
+
+
+@torch.inference_mode()
+def rerank_utterances(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    end_id: int,
+    pad_id: int,
+    config: DecodeConfig,
+    heads: ValueHeads,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[float]]:
+    """Sample ``config.candidates`` replies per prompt and keep the one with the highest ``Q̄(s, u) − V(s)``."""
+    k = max(config.candidates, 1)
+    expanded = [p for p in prompts for _ in range(k)]
+    sampling = DecodeConfig(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, bf16=config.bf16
+    )
+    decoded = decode(
+        model, expanded, end_id=end_id, pad_id=pad_id, config=sampling, generator=generator, collect_hidden=True
+    )
+    assert decoded.state_hidden is not None and decoded.end_hidden is not None
+    with autocast(config.bf16):
+        scores = utterance_scores(heads, decoded.state_hidden, decoded.end_hidden).float()
+    empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens])
+    scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)
+    best = scores.argmax(-1)
+    chosen = [decoded.tokens[row * k + int(best[row])] for row in range(len(prompts))]
+    return chosen, scores.max(-1).values.tolist()

@@ -1,0 +1,312 @@
+"""The policy the bot, the evaluator and the benchmarks talk to: a history in, one agent reply out.
+
+:func:`load_policy` returns a :class:`LearnedPolicy` for
+
+* ``"base"`` — the untrained base model prompted with ``task.system_prompt``;
+* a BC / filtered-BC checkpoint — the LoRA policy, plain sampling (β = 0);
+* a token-level ILQL checkpoint — ILQL-guided decoding, ``log π + β·(Q̄ − V)`` over the top-k tokens;
+* an utterance-level ILQL checkpoint — K sampled replies reranked by ``Q̄(s, u) − V(s)``.
+
+``respond_batch`` is synchronous and batched; ``respond`` is awaitable: calls that arrive within a few
+milliseconds of each other are gathered by a worker thread into one ``respond_batch`` (one batched
+generate), so the event loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from imagine.task import TaskSpec
+from learning.base_model import BaseModelError, load_base_model
+from learning.checkpoint import CheckpointError, check_base_model, load_manifest, verify_checkpoint
+from learning.dataset import ROLE_NAMES, clean_text, end_of_turn_id
+from learning.decoding import DecodeConfig, decode, rerank_utterances
+from learning.ilql import ILQLConfig, ValueHeads
+from learning.interface import History
+from learning.lora import load_lora
+from learning.trainer import HEADS_FILE
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_REPLY = "Could you tell me a little more about what you are looking for?"
+
+
+class PolicyLoadError(RuntimeError):
+    """A policy cannot be loaded: missing directory, corrupt checkpoint, or a mismatched base model."""
+
+
+@dataclass
+class _Request:
+    history: History
+    future: asyncio.Future[str]
+    loop: asyncio.AbstractEventLoop
+
+
+class MicroBatcher:
+    """Gathers concurrent single requests for ``window_ms`` (up to ``max_batch``) into one batched call.
+
+    One worker thread runs ``batch_fn``; results go back to each caller's event loop. A failing batch fails
+    only its own requests.
+    """
+
+    def __init__(
+        self, batch_fn: Callable[[list[History]], list[str]], *, window_ms: float = 5.0, max_batch: int = 16
+    ) -> None:
+        self._batch_fn = batch_fn
+        self._window = window_ms / 1000.0
+        self._max_batch = max_batch
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    async def submit(self, history: History) -> str:
+        """Queue one history and await its reply."""
+        if self._closed:
+            raise RuntimeError("policy is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="policy-batcher", daemon=True)
+                self._thread.start()
+        self._queue.put(_Request(history, future, loop))
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            try:
+                deadline_item = self._queue.get(timeout=self._window)
+                while deadline_item is not None:
+                    batch.append(deadline_item)
+                    if len(batch) >= self._max_batch:
+                        break
+                    deadline_item = self._queue.get(timeout=self._window)
+                if deadline_item is None:
+                    self._queue.put(None)
+            except queue.Empty:
+                pass
+            try:
+                replies = self._batch_fn([r.history for r in batch])
+                outcomes: list[tuple[str | None, BaseException | None]] = [(text, None) for text in replies]
+            except Exception as error:  # one bad batch must not kill the worker
+                logger.exception("policy batch failed")
+                outcomes = [(None, error)] * len(batch)
+            for request, (text, error) in zip(batch, outcomes, strict=True):
+                request.loop.call_soon_threadsafe(_settle, request.future, text, error)
+
+    def close(self) -> None:
+        """Stop the worker after the requests already queued."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
+def _settle(future: asyncio.Future[str], text: str | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(text or FALLBACK_REPLY)
+
+
+class LearnedPolicy:
+    """A :class:`learning.interface.Policy` backed by the base model, optionally with LoRA and value heads."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task: TaskSpec,
+        *,
+        name: str,
+        algorithm: str,
+        version_id: int | None = None,
+        heads: ValueHeads | None = None,
+        decode_config: DecodeConfig = DecodeConfig(),
+        max_prompt_tokens: int = 1024,
+        batch_window_ms: float = 5.0,
+        max_batch: int = 16,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.task = task
+        self.name = name
+        self.algorithm = algorithm
+        self.version_id = version_id
+        self.heads = heads.eval() if heads is not None else None
+        self.decode_config = decode_config
+        self.max_prompt_tokens = max_prompt_tokens
+        self._end_id = end_of_turn_id(tokenizer)
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._end_id
+        self._model_lock = threading.Lock()
+        self._batcher = MicroBatcher(self.respond_batch, window_ms=batch_window_ms, max_batch=max_batch)
+        self._closed = False
+
+    # --- prompts -------------------------------------------------------------------------------------------
+
+    def prompt_ids(self, history: History) -> list[int]:
+        """The chat-template prompt for the next agent reply, dropping the oldest turns to fit."""
+        turns = [
+            {"role": ROLE_NAMES.get(m.role, "user"), "content": clean_text(self.tokenizer, m.text)} for m in history
+        ]
+        system = [{"role": "system", "content": self.task.system_prompt}]
+        budget = self.max_prompt_tokens - self.decode_config.max_new_tokens
+        while True:
+            text = self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) <= budget or len(turns) <= 1:
+                return ids[-budget:] if len(ids) > budget else ids
+            turns = turns[1:]
+
+    # --- the Policy protocol ------------------------------------------------------------------------------
+
+    def respond_batch(self, histories: Sequence[History], *, seed: int | None = None) -> list[str]:
+        """One reply per history, generated as one batch (thread-safe; calls are serialized)."""
+        if self._closed:
+            raise RuntimeError(f"policy {self.name} is closed")
+        if not histories:
+            return []
+        prompts = [self.prompt_ids(h) for h in histories]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with self._model_lock:
+            if self.heads is not None and self.heads.config.level == "utterance" and self.decode_config.candidates > 1:
+                tokens, _ = rerank_utterances(
+                    self.model,
+                    prompts,
+                    end_id=self._end_id,
+                    pad_id=self._pad_id,
+                    config=self.decode_config,
+                    heads=self.heads,
+                    generator=generator,
+                )
+            else:
+                tokens = decode(
+                    self.model,
+                    prompts,
+                    end_id=self._end_id,
+                    pad_id=self._pad_id,
+                    config=self.decode_config,
+                    heads=self.heads,
+                    generator=generator,
+                ).tokens
+        return [self._to_text(t) for t in tokens]
+
+    async def respond(self, history: History) -> str:
+        """One reply; concurrent calls share one batched generate in the worker thread."""
+        if self._closed:
+            raise RuntimeError(f"policy {self.name} is closed")
+        return await self._batcher.submit(history)
+
+    def close(self) -> None:
+        """Stop the batching worker and drop the model; further calls raise ``RuntimeError``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._batcher.close()
+
+    def _to_text(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return text or FALLBACK_REPLY
+
+
+def load_policy(
+    source: str | Path,
+    *,
+    task: TaskSpec,
+    base_model: str = "smollm2",
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    version_id: int | None = None,
+    max_new_tokens: int = 96,
+    temperature: float = 0.7,
+    top_k: int = 20,
+    beta: float | None = None,
+    candidates: int | None = None,
+) -> LearnedPolicy:
+    """Load ``"base"`` (prompted base model) or a checkpoint directory as a ready-to-serve policy.
+
+    ``beta`` overrides the checkpoint's ILQL β (token level); ``candidates`` its K (utterance level).
+    Raises :class:`PolicyLoadError` with a clear message for a missing directory, a corrupt checkpoint or a
+    checkpoint trained on another base model.
+    """
+    if device != "cpu" and not torch.cuda.is_available():
+        device = "cpu"
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if str(source) == "base":
+        base = _load_base(base_model, cache_dir, device)
+        config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        return LearnedPolicy(
+            base.model, base.tokenizer, task, name="base", algorithm="base", version_id=version_id, decode_config=config
+        )
+
+    directory = Path(source)
+    if not directory.is_dir():
+        raise PolicyLoadError(f"no checkpoint directory at {directory}")
+    try:
+        verify_checkpoint(directory)
+        manifest = load_manifest(directory)
+    except CheckpointError as error:
+        raise PolicyLoadError(str(error)) from error
+    base = _load_base(base_model, cache_dir, device)
+    try:
+        check_base_model(manifest, base.model_id, directory)
+    except CheckpointError as error:
+        raise PolicyLoadError(str(error)) from error
+    algorithm = manifest["algorithm"]
+    try:
+        model = load_lora(base.model, directory, trainable=False).merge_and_unload()
+    except Exception as error:  # peft raises several types for a broken adapter
+        raise PolicyLoadError(f"{directory}: cannot load the LoRA adapter: {error}") from error
+    ilql_config = ILQLConfig(**manifest.get("config", {}).get("ilql", {}))
+    heads = None
+    if (directory / HEADS_FILE).is_file() and algorithm.startswith("ilql"):
+        embedding = model.get_output_embeddings().weight
+        heads = ValueHeads(embedding.shape[1], embedding.shape[0], ilql_config)
+        try:
+            heads.load_state_dict(load_file(str(directory / HEADS_FILE)))
+        except (RuntimeError, ValueError) as error:
+            raise PolicyLoadError(f"{directory}: value heads do not fit this model: {error}") from error
+        heads.to(device)
+    resolved_beta = beta if beta is not None else (ilql_config.beta if heads is not None else 0.0)
+    config = DecodeConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        beta=resolved_beta if ilql_config.level == "token" else 0.0,
+        candidates=(candidates or ilql_config.candidates) if heads is not None else 1,
+    )
+    name = f"{algorithm}#{version_id}" if version_id is not None else algorithm
+    return LearnedPolicy(
+        model.to(device),
+        base.tokenizer,
+        task,
+        name=name,
+        algorithm=algorithm,
+        version_id=version_id,
+        heads=heads,
+        decode_config=config,
+    )
+
+
+def _load_base(base_model: str, cache_dir: Path | None, device: str) -> Any:
+    try:
+        return load_base_model(base_model, cache_dir=cache_dir, device=device)
+    except BaseModelError as error:
+        raise PolicyLoadError(str(error)) from error

@@ -1,0 +1,693 @@
+"""Training BC, filtered BC and ILQL on one code path, in stages, with checkpoints and resume.
+
+Stages:
+
+1. **policy** — LoRA on the base model trained with ``λ_bc·L_BC`` alone (the BC term of the ILQL loss) on
+   all dialogues (BC, ILQL) or on successful ones only (filtered BC). BC and FBC stop here.
+2. **value** (ILQL) — the policy trunk is frozen; its hidden states at the positions ILQL needs are
+   computed once and the value heads (twin Q, Polyak targets, expectile V, CQL at token level) are trained
+   on them. Value learning cannot damage the language model, and each step costs only the heads.
+
+``ilql.trunk_grad=True`` (token level) instead trains the paper's joint loss ``L_Q + L_V + λ_cql·L_CQL +
+λ_bc·L_BC`` with value gradients flowing into the shared LoRA trunk in stage 1 (measured unstable here;
+kept for comparison).
+
+Entry points: :func:`train` (library / subprocess) and ``reverie train`` (``bot/commands/train.py``).
+Interrupted runs resume from ``.<out>.resume`` next to the output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+
+from imagine.task import TaskSpec, load_task
+from learning.base_model import load_base_model
+from learning.checkpoint import check_base_model, load_manifest, save_checkpoint, verify_checkpoint
+from learning.dataset import (
+    DatasetError,
+    EncodedDialogue,
+    EncodingConfig,
+    MixingSampler,
+    collate,
+    encode_records,
+    return_range,
+)
+from learning.ilql import (
+    ILQLConfig,
+    LossTerms,
+    ValueHeads,
+    bc_loss,
+    token_value_loss,
+    utterance_value_loss,
+)
+from learning.lora import attach_lora, hidden_states, load_lora, output_embedding, save_lora
+from storage import DialogueRecord
+
+logger = logging.getLogger(__name__)
+
+Algorithm = Literal["bc", "fbc", "ilql", "ilql-token", "ilql-utterance"]
+ALGORITHMS: tuple[str, ...] = ("bc", "fbc", "ilql", "ilql-token", "ilql-utterance")
+HEADS_FILE = "heads.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (bad data, bad configuration); the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in the checkpoint manifest)."""
+
+    algorithm: Algorithm = "ilql"
+    task: str = "travel"
+    base_model: str = "smollm2"
+    cache_dir: str | None = None
+    steps: int = 300  # policy-stage optimizer steps
+    value_steps: int = 1500  # value-stage optimizer steps (ILQL), on cached features
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    value_lr: float = 1e-3
+    value_batch_size: int = 256
+    weight_decay: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    max_length: int = 512
+    real_ratio: float = 0.3
+    source_weights: dict[str, float] = field(default_factory=dict)
+    thumbs_weight: float = 0.25
+    fbc_min_reward: float = 1.0
+    seed: int = 0
+    bf16: bool = True  # bf16 autocast (CPU: ~6× faster matmuls than fp32 on this machine)
+    checkpoint_every: int = 100
+    time_limit_minutes: float | None = None
+    ilql: ILQLConfig = field(default_factory=ILQLConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ilql, dict):
+            self.ilql = ILQLConfig(**self.ilql)
+        if self.algorithm not in ALGORITHMS:
+            raise TrainingError(f"unknown algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "ilql-token":
+            self.ilql.level = "token"
+        elif self.algorithm == "ilql-utterance":
+            self.ilql.level = "utterance"
+
+    @property
+    def resolved_algorithm(self) -> str:
+        """``bc``, ``fbc``, ``ilql-token`` or ``ilql-utterance`` (what the manifest records)."""
+        if self.algorithm.startswith("ilql"):
+            return f"ilql-{self.ilql.level}"
+        return self.algorithm
+
+    @property
+    def uses_values(self) -> bool:
+        """Whether this run trains value heads."""
+        return self.algorithm.startswith("ilql")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        data = dataclasses.asdict(self)
+        data["ilql"] = self.ilql.to_dict()
+        return data
+
+    def fingerprint(self) -> str:
+        """A hash of the settings that make a resumed run the same run."""
+        data = self.to_dict()
+        for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir"):
+            data.pop(volatile, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def autocast(enabled: bool, device: str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast where enabled (CPU or CUDA), a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+def load_dialogues_jsonl(path: Path) -> list[DialogueRecord]:
+    """Read ``DialogueRecord.to_dict()`` lines; :class:`DatasetError` names the bad line."""
+    from storage.store import StoreError
+
+    records: list[DialogueRecord] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as error:
+        raise DatasetError(f"{path}: no such file") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(DialogueRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, StoreError, ValueError, TypeError) as error:
+            raise DatasetError(f"{path}:{number}: not a dialogue: {error}") from error
+    return records
+
+
+def _transitions_summary(items: Sequence[EncodedDialogue]) -> dict[str, Any]:
+    return {
+        "transitions_token": sum(i.num_actions for i in items),
+        "transitions_turn": sum(len(i.turn_end) for i in items),
+    }
+
+
+# --- cached features for the value stage ----------------------------------------------------------------
+
+
+@dataclass
+class FeatureTable:
+    """Frozen-trunk features of every transition the value stage needs (rows, not padded sequences).
+
+    Token level: ``states[i]`` is ``h`` before action ``actions[i]``; ``next_rows[i]`` indexes ``states``
+    for ``s′`` (−1 when done). Utterance level: ``states``/``ends`` are ``h(s)`` and ``h_end(u)`` per agent
+    turn. ``weights`` follow the mixing sampler's probabilities; ``asks`` marks replies with a question
+    (for diagnostics: Q(ask) vs Q(act) at decision points); ``first`` marks each turn's first decision.
+    """
+
+    states: torch.Tensor
+    ends: torch.Tensor | None
+    actions: torch.Tensor | None
+    rewards: torch.Tensor
+    dones: torch.Tensor
+    next_rows: torch.Tensor
+    weights: torch.Tensor
+    decision: torch.Tensor  # bool: row is a decision point (first token of an agent turn / each turn)
+    asks: torch.Tensor  # bool: that agent turn contains a question mark
+    success: torch.Tensor  # bool: the dialogue's reward ≥ 1
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+
+@torch.no_grad()
+def build_feature_table(
+    model: torch.nn.Module,
+    items: Sequence[EncodedDialogue],
+    item_weights: Sequence[float],
+    *,
+    level: str,
+    pad_id: int,
+    question_ids: set[int],
+    bf16: bool,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> FeatureTable:
+    """Run the frozen trunk once over the data and keep the hidden states at the positions ILQL reads."""
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    states, ends, actions, rewards, dones, next_rows, weights, decision, asks, success = ([] for _ in range(10))
+    row = 0
+    task_id = progress.add_task("features", total=len(items), terms="") if progress else None
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
+        batch = collate(chunk, pad_id)
+        with autocast(bf16):
+            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+        hidden = hidden.to(torch.bfloat16)
+        for b, item in enumerate(chunk):
+            weight = item_weights[order[start + b]]
+            turn_asks = [
+                bool(question_ids & set(item.input_ids[s + 1 : e + 1]))
+                for s, e in zip(item.turn_state, item.turn_end, strict=True)
+            ]
+            if level == "utterance":
+                n = len(item.turn_end)
+                states.append(hidden[b, item.turn_state])
+                ends.append(hidden[b, item.turn_end])
+                rewards.extend(item.turn_rewards)
+                dones.extend(item.turn_dones)
+                next_rows.extend([row + k + 1 if not item.turn_dones[k] else -1 for k in range(n)])
+                decision.extend([True] * n)
+                asks.extend(turn_asks)
+            else:
+                positions = [j for j, a in enumerate(item.action_mask) if a]
+                row_of = {j - 1: row + k for k, j in enumerate(positions)}  # state position → row
+                turn_of = {
+                    j: k
+                    for k, (s, e) in enumerate(zip(item.turn_state, item.turn_end, strict=True))
+                    for j in range(s + 1, e + 1)
+                }
+                states.append(hidden[b, [j - 1 for j in positions]])
+                actions.extend(item.input_ids[j] for j in positions)
+                rewards.extend(item.rewards[j] for j in positions)
+                dones.extend(item.dones[j] for j in positions)
+                next_rows.extend(-1 if item.dones[j] else row_of[item.next_state[j]] for j in positions)
+                decision.extend(j - 1 == item.turn_state[turn_of[j]] for j in positions)
+                asks.extend(turn_asks[turn_of[j]] for j in positions)
+                n = len(positions)
+            weights.extend([weight] * n)
+            success.extend([(item.reward or 0.0) >= 1.0] * n)
+            row += n
+        if progress is not None and task_id is not None:
+            progress.advance(task_id, len(chunk))
+    if progress is not None and task_id is not None:
+        progress.remove_task(task_id)
+    return FeatureTable(
+        states=torch.cat(states),
+        ends=torch.cat(ends) if ends else None,
+        actions=torch.tensor(actions, dtype=torch.long) if actions else None,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        dones=torch.tensor(dones, dtype=torch.bool),
+        next_rows=torch.tensor(next_rows, dtype=torch.long),
+        weights=torch.tensor(weights, dtype=torch.float32),
+        decision=torch.tensor(decision, dtype=torch.bool),
+        asks=torch.tensor(asks, dtype=torch.bool),
+        success=torch.tensor(success, dtype=torch.bool),
+    )
+
+
+def value_step_loss(
+    heads: ValueHeads,
+    table: FeatureTable,
+    rows: torch.Tensor,
+    embedding: torch.Tensor,
+    returns: tuple[float, float],
+) -> LossTerms:
+    """The ILQL value loss on a sample of cached transitions."""
+    states = table.states[rows].float()
+    next_rows = table.next_rows[rows]
+    next_states = table.states[next_rows.clamp(min=0)].float()
+    rewards, dones = table.rewards[rows], table.dones[rows]
+    if heads.config.level == "utterance":
+        assert table.ends is not None
+        return utterance_value_loss(heads, states, table.ends[rows].float(), rewards, dones, next_states, returns)
+    assert table.actions is not None
+    return token_value_loss(heads, embedding, states, table.actions[rows], rewards, dones, next_states, returns)
+
+
+@torch.no_grad()
+def decision_diagnostics(heads: ValueHeads, table: FeatureTable, embedding: torch.Tensor) -> dict[str, float]:
+    """Mean Q̄ and V at decision points, split by reply kind (question vs not) and by outcome."""
+    rows = table.decision.nonzero().squeeze(-1)[:4096]
+    if len(rows) == 0:
+        return {}
+    states = table.states[rows].float()
+    if heads.config.level == "utterance":
+        assert table.ends is not None
+        pair = torch.cat([table.ends[rows].float(), states], dim=-1)
+        q = torch.minimum(heads.target_q1(pair), heads.target_q2(pair))
+    else:
+        assert table.actions is not None
+        actions = table.actions[rows]
+        q = torch.minimum(
+            heads.target_q1.at(states, actions, embedding), heads.target_q2.at(states, actions, embedding)
+        )
+    v = heads.v(states)
+    out: dict[str, float] = {"V_decision": v.mean().item(), "Q_decision": q.mean().item()}
+    for name, mask in (
+        ("Q_ask", table.asks[rows]),
+        ("Q_act", ~table.asks[rows]),
+        ("Q_success", table.success[rows]),
+        ("Q_failure", ~table.success[rows]),
+    ):
+        if mask.any():
+            out[name] = q[mask].mean().item()
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, limit_minutes: float | None) -> None:
+        self.start = time.monotonic()
+        self.deadline = self.start + limit_minutes * 60 if limit_minutes else math.inf
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[terms]}"),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _format_terms(terms: dict[str, float], tokens_per_s: float | None = None) -> str:
+    text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
+    return f"{text} tok/s={tokens_per_s:.0f}" if tokens_per_s is not None else text
+
+
+def _resume_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.resume"
+
+
+def train(
+    config: TrainConfig,
+    dialogues: Sequence[DialogueRecord],
+    *,
+    out_dir: Path,
+    init_from: Path | None = None,
+    progress: bool = True,
+    task: TaskSpec | None = None,
+) -> Path:
+    """Train ``config.algorithm`` on ``dialogues`` and write a checkpoint to ``out_dir``; returns its path.
+
+    ``init_from`` continues from an existing checkpoint's adapter (same base model). An interrupted run with
+    the same configuration resumes from its last periodic save. Raises :class:`DatasetError` on unusable data
+    and :class:`TrainingError` / :class:`~learning.checkpoint.CheckpointError` on bad configuration.
+    """
+    out_dir = Path(out_dir)
+    task = task or load_task(config.task)
+    torch.set_num_threads(min(torch.get_num_threads(), 2) if torch.get_num_threads() > 0 else 1)
+    seed_everything(config.seed)
+    clock = _Clock(config.time_limit_minutes)
+
+    base = load_base_model(config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
+    tokenizer = base.tokenizer
+    encoding = EncodingConfig(max_length=config.max_length, thumbs_weight=config.thumbs_weight)
+    needs_reward = config.algorithm != "bc"
+    min_reward = config.fbc_min_reward if config.algorithm == "fbc" else None
+    items, summary = encode_records(
+        dialogues, tokenizer, task, config=encoding, require_reward=needs_reward, min_reward=min_reward
+    )
+    returns = return_range(items)
+    if config.uses_values and returns[0] == returns[1]:
+        raise DatasetError(f"every dialogue has the same return {returns[0]}: there is nothing for ILQL to learn")
+    logger.info("training %s on %d dialogues (%s)", config.resolved_algorithm, len(items), summary.by_source)
+
+    model = base.model
+    if init_from is not None:
+        verify_checkpoint(init_from)
+        manifest = load_manifest(init_from)
+        check_base_model(manifest, base.model_id, init_from)
+        model = (
+            load_lora(model, Path(init_from), trainable=True)
+            if manifest.get("has_adapter", True)
+            else attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+        )
+    else:
+        model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    embedding = output_embedding(model).detach()
+    hidden_size = embedding.shape[1]
+    heads = ValueHeads(hidden_size, embedding.shape[0], config.ilql) if config.uses_values else None
+    if heads is not None and init_from is not None and (Path(init_from) / HEADS_FILE).is_file():
+        saved = load_file(str(Path(init_from) / HEADS_FILE))
+        if {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in heads.state_dict().items()}:
+            heads.load_state_dict(saved)
+
+    sampler = MixingSampler(
+        items,
+        batch_size=config.batch_size,
+        real_ratio=config.real_ratio,
+        source_weights=config.source_weights,
+        seed=config.seed,
+    )
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    joint = heads is not None and config.ilql.level == "token" and config.ilql.trunk_grad
+    policy_params = lora_params + (heads.trainable_parameters() if joint and heads else [])
+    optimizer = torch.optim.AdamW(policy_params, lr=config.lr, weight_decay=config.weight_decay)
+    value_optimizer = (
+        torch.optim.AdamW(heads.trainable_parameters(), lr=config.value_lr, weight_decay=0.0) if heads else None
+    )
+
+    state = {"stage": "policy", "step": 0, "value_step": 0, "metrics": {}}
+    resume = _resume_dir(out_dir)
+    if (resume / "state.json").is_file():
+        saved_state = json.loads((resume / "state.json").read_text())
+        if saved_state.get("fingerprint") == config.fingerprint():
+            _load_resume(resume, model, heads, optimizer, value_optimizer)
+            state = saved_state
+            sampler.random.setstate(_tuple_state(saved_state["sampler_rng"]))
+            torch.set_rng_state(torch.tensor(saved_state["torch_rng"], dtype=torch.uint8))
+            logger.info("resuming from %s at %s step %d", resume, state["stage"], state["step"])
+        else:
+            logger.warning("ignoring %s: it belongs to a run with other settings", resume)
+
+    def periodic_save() -> None:
+        state["fingerprint"] = config.fingerprint()
+        state["sampler_rng"] = sampler.random.getstate()
+        state["torch_rng"] = torch.get_rng_state().tolist()
+        _save_resume(resume, state, model, heads, optimizer, value_optimizer)
+
+    metrics: dict[str, Any] = dict(state.get("metrics", {}))
+    interrupted = False
+    with _progress(progress) as bar:
+        # --- stage 1: policy (λ_bc·L_BC; joint ILQL adds L_Q + L_V + λ_cql·L_CQL) -------------------------
+        if state["stage"] == "policy" and state["step"] < config.steps:
+            model.train()
+            batches: Iterator[list[EncodedDialogue]] = iter(sampler)
+            task_id = bar.add_task(
+                f"{config.resolved_algorithm}: policy", total=config.steps, completed=state["step"], terms=""
+            )
+            tokens, started = 0, time.monotonic()
+            while state["step"] < config.steps:
+                terms: dict[str, float] = {}
+                for _ in range(config.grad_accum):
+                    batch = collate(next(batches), tokenizer.pad_token_id)
+                    with autocast(config.bf16):
+                        loss, terms = _policy_loss(model, batch, embedding, heads if joint else None, config, returns)
+                    (loss / config.grad_accum).backward()
+                    tokens += batch.num_tokens
+                torch.nn.utils.clip_grad_norm_(policy_params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if joint and heads is not None:
+                    heads.update_targets()
+                state["step"] += 1
+                rate = tokens / max(time.monotonic() - started, 1e-9)
+                metrics.update({f"policy_{k}": v for k, v in terms.items()}, policy_tokens_per_s=rate)
+                bar.update(task_id, advance=1, terms=_format_terms(terms, rate))
+                if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
+                    state["metrics"] = metrics
+                    periodic_save()
+                if clock.expired():
+                    interrupted = True
+                    break
+            bar.remove_task(task_id)
+        if not interrupted and heads is not None and not joint:
+            state["stage"] = "value"
+        # --- stage 2: value heads on the frozen policy trunk --------------------------------------------
+        if state["stage"] == "value" and heads is not None and value_optimizer is not None and not interrupted:
+            model.eval()
+            probabilities = _item_probabilities(sampler)
+            table = build_feature_table(
+                model,
+                items,
+                probabilities,
+                level=config.ilql.level,
+                pad_id=tokenizer.pad_token_id,
+                question_ids=_question_token_ids(tokenizer),
+                bf16=config.bf16,
+                progress=bar,
+            )
+            generator = torch.Generator().manual_seed(config.seed + state["value_step"])
+            task_id = bar.add_task("ilql: value", total=config.value_steps, completed=state["value_step"], terms="")
+            started, seen = time.monotonic(), 0
+            while state["value_step"] < config.value_steps:
+                rows = torch.multinomial(table.weights, config.value_batch_size, replacement=True, generator=generator)
+                with autocast(config.bf16):
+                    result = value_step_loss(heads, table, rows, embedding, returns)
+                result.loss.backward()
+                torch.nn.utils.clip_grad_norm_(heads.trainable_parameters(), 1.0)
+                value_optimizer.step()
+                value_optimizer.zero_grad(set_to_none=True)
+                heads.update_targets()
+                state["value_step"] += 1
+                seen += len(rows)
+                rate = seen / max(time.monotonic() - started, 1e-9)
+                metrics.update({f"value_{k}": v for k, v in result.terms.items()}, value_transitions_per_s=rate)
+                bar.update(task_id, advance=1, terms=_format_terms(result.terms))
+                if state["value_step"] % max(config.checkpoint_every * 5, 1) == 0:
+                    state["metrics"] = metrics
+                    periodic_save()
+                if clock.expired():
+                    interrupted = True
+                    break
+            bar.remove_task(task_id)
+            metrics.update(decision_diagnostics(heads, table, embedding))
+            logger.info("decision-point diagnostics: %s", {k: round(v, 3) for k, v in metrics.items() if k[0] in "QV"})
+
+    metrics.update(
+        policy_steps=state["step"],
+        value_steps=state["value_step"],
+        interrupted_by_time_limit=interrupted,
+        return_range=list(returns),
+        train_seconds=round(time.monotonic() - clock.start, 1),
+    )
+    if heads is not None:
+        metrics["heads_parameters"] = heads.parameter_count()
+        metrics["heads_bytes"] = heads.size_bytes()
+    path = _write_checkpoint(
+        out_dir, model, heads, config, base.model_id, metrics, summary, items, hidden_size, embedding.shape[0]
+    )
+    shutil.rmtree(resume, ignore_errors=True)
+    return path
+
+
+def _policy_loss(
+    model: torch.nn.Module,
+    batch: Any,
+    embedding: torch.Tensor,
+    heads: ValueHeads | None,
+    config: TrainConfig,
+    returns: tuple[float, float],
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``λ_bc·L_BC`` over action tokens only (logits computed just there), plus the joint value loss."""
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+    mask = batch.action_mask[:, 1:]
+    states = hidden[:, :-1][mask]
+    actions = batch.input_ids[:, 1:][mask]
+    logits = states @ embedding.t() if _tied(model) else _lm_head(model)(states)
+    loss_bc = bc_loss(logits, actions)
+    loss = config.ilql.bc_weight * loss_bc
+    terms = {"bc": loss_bc.item()}
+    if heads is not None:  # the paper's joint objective: value gradients reach the trunk
+        rows = mask.nonzero()
+        next_positions = batch.next_state[:, 1:][mask]
+        next_states = hidden[rows[:, 0], next_positions]
+        dones = batch.dones[:, 1:][mask]
+        rewards = batch.rewards[:, 1:][mask]
+        value = token_value_loss(heads, embedding, states, actions, rewards, dones, next_states, returns)
+        loss = loss + value.loss
+        terms.update(value.terms)
+    return loss, terms
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    from learning.lora import causal_lm
+
+    lm = causal_lm(model)
+    return (
+        lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+        and getattr(lm.get_output_embeddings(), "bias", None) is None
+    )
+
+
+def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    from learning.lora import causal_lm
+
+    return causal_lm(model).get_output_embeddings()
+
+
+def _item_probabilities(sampler: MixingSampler) -> list[float]:
+    """Each dialogue's probability under the mixing sampler (used to weight cached transitions)."""
+    probabilities = [0.0] * len(sampler.items)
+    for is_real, (indices, weights) in sampler._sides.items():
+        side_probability = sampler.real_ratio if is_real else 1.0 - sampler.real_ratio
+        total = sum(weights) or 1.0
+        for index, weight in zip(indices, weights, strict=True):
+            probabilities[index] = side_probability * weight / total
+    return probabilities
+
+
+def _question_token_ids(tokenizer: Any) -> set[int]:
+    return {i for token, i in tokenizer.get_vocab().items() if "?" in token}
+
+
+def _tuple_state(value: Any) -> Any:
+    return tuple(_tuple_state(v) for v in value) if isinstance(value, list) else value
+
+
+def _save_resume(
+    directory: Path,
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    heads: ValueHeads | None,
+    optimizer: torch.optim.Optimizer,
+    value_optimizer: torch.optim.Optimizer | None,
+) -> None:
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_lora(model, staging)  # type: ignore[arg-type]
+    if heads is not None:
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(staging / HEADS_FILE))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "value_optimizer": value_optimizer.state_dict() if value_optimizer else None,
+        },
+        staging / "optimizer.pt",
+    )
+    (staging / "state.json").write_text(json.dumps(state, default=str))
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+
+
+def _load_resume(
+    directory: Path,
+    model: torch.nn.Module,
+    heads: ValueHeads | None,
+    optimizer: torch.optim.Optimizer,
+    value_optimizer: torch.optim.Optimizer | None,
+) -> None:
+    from peft import set_peft_model_state_dict
+
+    adapter = load_file(str(directory / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, adapter)
+    if heads is not None and (directory / HEADS_FILE).is_file():
+        heads.load_state_dict(load_file(str(directory / HEADS_FILE)))
+    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    if value_optimizer is not None and saved.get("value_optimizer"):
+        value_optimizer.load_state_dict(saved["value_optimizer"])
+
+
+def _write_checkpoint(
+    out_dir: Path,
+    model: torch.nn.Module,
+    heads: ValueHeads | None,
+    config: TrainConfig,
+    base_model_id: str,
+    metrics: dict[str, Any],
+    summary: Any,
+    items: Sequence[EncodedDialogue],
+    hidden_size: int,
+    vocab_size: int,
+) -> Path:
+    def write(directory: Path) -> None:
+        save_lora(model, directory)  # type: ignore[arg-type]
+        if heads is not None:
+            save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(directory / HEADS_FILE))
+
+    data = summary.to_dict() | _transitions_summary(items)
+    path = save_checkpoint(
+        out_dir,
+        write_files=write,
+        base_model=base_model_id,
+        algorithm=config.resolved_algorithm,
+        config=config.to_dict(),
+        metrics=metrics,
+        data=data,
+        extra={"task": config.task, "hidden_size": hidden_size, "vocab_size": vocab_size, "has_adapter": True},
+    )
+    heads_file = path / HEADS_FILE
+    if heads_file.exists():
+        logger.info(
+            "value heads: %d parameters, %.1f MB", metrics.get("heads_parameters", 0), heads_file.stat().st_size / 1e6
+        )
+    return path
