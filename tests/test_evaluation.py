@@ -156,9 +156,9 @@ class PersonaPlayingChat:
         assert messages[-1]["role"] == "user"  # the agent speaks as "user" to the user model
         if any(activity.name in agent for activity in BY_KEY.values()):
             return f"Thanks! {END_MARKER}"
-        travel = scripted_task("travel")  # answers in the scripted agents' vocabulary, so they understand
-        asked = travel.asked_attributes(agent)
-        return " ".join(travel.attribute(name).answers[persona[name]][0] for name in asked) or "A trip."
+        asked = scripted_task("travel").asked_attributes(agent)
+        # Free-form answers, not the scripted templates: scripted agents must read them by keywords.
+        return " ".join(f"My {name} is {persona[name]}." for name in asked) or "A trip."
 
 
 async def test_llm_users_play_hidden_personas_and_the_judge_scores() -> None:

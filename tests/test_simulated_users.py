@@ -111,6 +111,26 @@ def test_user_reveals_only_what_is_asked_and_is_confused_otherwise() -> None:
     assert not user.done
 
 
+@pytest.mark.parametrize(
+    ("task_name", "reply", "expected"),
+    [
+        ("travel", "Honestly I'm a huge fan of local cuisine.", {"interest": "food"}),
+        ("travel", "We'd love to see some ancient ruins.", {"interest": "history"}),
+        ("travel", "I'd rather not splurge, money is tight.", {"budget": "tight"}),
+        ("travel", "Luxury is fine by me.", {"budget": "generous"}),
+        ("travel", "My wife and I, no children.", {}),  # both companion values mentioned: not understood
+        ("travel", "My daughter is coming along.", {"companions": "kids"}),
+        ("travel", "Hmm, can you ask that differently?", {}),  # the scripted user's own confused reply
+        ("teaching", "I've read a bit about the basics.", {"level": "intermediate"}),
+        ("teaching", "Some math would be great.", {"level": "intermediate", "style": "formal"}),
+        ("teaching", "I'm not sure.", {}),  # a canned reply
+        ("teaching", "Isn't RL learning without data?", {"misconception": "no_data"}),
+    ],
+)
+def test_scripted_agents_read_free_form_answers_by_keywords(task_name: str, reply: str, expected: dict) -> None:
+    assert scripted_task(task_name).read_answers(reply) == expected
+
+
 def test_turn_limit_ends_episode_with_zero_reward() -> None:
     user = scripted_task("travel").make_user(TRAVELLER, seed=0, max_turns=3)
     assert not user.respond("Hi").done

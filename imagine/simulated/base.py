@@ -14,7 +14,7 @@ import random
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 #: ``reward_source`` stored with episodes scored by a scripted user.
@@ -83,6 +83,9 @@ class Attribute:
     question_pattern: re.Pattern[str]
     questions: tuple[str, ...]
     answers: Mapping[str, tuple[str, ...]]
+    #: value → pattern of free-form wording for it (``"foodie|cuisine"``): lets scripted agents understand
+    #: users that do not speak in the templates (LLM users). Optional; used only when no template matches.
+    value_keywords: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [value for value in self.values if not self.answers.get(value)]
@@ -172,14 +175,36 @@ class ScriptedTask(ABC):
         return [a.name for a in self.attributes if a.question_pattern.search(lowered)]
 
     def read_answers(self, user_text: str) -> dict[str, str]:
-        """Attribute values a scripted user's reply reveals (exact phrase match on the answer templates)."""
+        """Attribute values a user's reply reveals.
+
+        Exact phrase match on the answer templates (what scripted users say). Only for a reply with no
+        template at all that is not one of the scripted user's canned replies (what LLM users say): free-form
+        wording via ``value_keywords``, for each attribute where exactly one value matches.
+        """
         lowered = user_text.lower()
         found: dict[str, str] = {}
         for attribute in self.attributes:
             for value in attribute.values:
                 if any(answer.lower() in lowered for answer in attribute.answers[value]):
                     found[attribute.name] = value
+        if found or lowered.strip() in self._canned_replies():
+            return found
+        for attribute in self.attributes:
+            matching = [v for v, pattern in attribute.value_keywords.items() if pattern.search(lowered)]
+            if len(matching) == 1:
+                found[attribute.name] = matching[0]
         return found
+
+    def _canned_replies(self) -> frozenset[str]:
+        replies = (
+            *self.intro_replies,
+            *self.confused_replies,
+            *self.success_replies,
+            *self.failure_replies,
+            *self.hedge_replies,
+            *self.timeout_replies,
+        )
+        return frozenset(reply.lower() for reply in replies)
 
     def known_from_history(self, history: Sequence[MessageLike]) -> dict[str, str]:
         """Everything the user has revealed in a history (what a scripted agent knows)."""

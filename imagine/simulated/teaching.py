@@ -79,6 +79,11 @@ LEVEL = Attribute(
         "intermediate": ("I've taken one ML course.", "I know some supervised learning.", "I've trained a few models."),
         "expert": ("I do ML research.", "I'm an ML engineer.", "I know the field well."),
     },
+    value_keywords={
+        "beginner": keyword_pattern(r"never", r"new to", r"no background", r"beginner", r"nothing"),
+        "intermediate": keyword_pattern(r"a course", r"one course", r"some", r"a bit", r"a little", r"basics"),
+        "expert": keyword_pattern(r"research", r"engineer", r"expert", r"phd", r"professional", r"for years"),
+    },
 )
 
 STYLE = Attribute(
@@ -106,6 +111,10 @@ STYLE = Attribute(
         "examples": ("Concrete examples help me most.", "I like everyday analogies.", "Stories work best for me."),
         "formal": ("I prefer precise definitions.", "Give me the formal version.", "I like exact terms."),
     },
+    value_keywords={
+        "examples": keyword_pattern(r"examples?", r"analog", r"stories", r"story", r"concrete", r"intuiti"),
+        "formal": keyword_pattern(r"formal", r"precise", r"definitions?", r"math", r"equations?", r"rigor"),
+    },
 )
 
 MISCONCEPTION = Attribute(
@@ -131,6 +140,11 @@ MISCONCEPTION = Attribute(
         "none": ("No idea yet, honestly.", "I haven't heard much about either.", "I'm not sure how they differ."),
         "no_data": ("I thought RL needs no data.", "Isn't RL the one without any data?", "I heard RL uses no data."),
         "bc_is_rl": ("I thought cloning is a kind of RL.", "Aren't they the same thing?", "Isn't BC just RL?"),
+    },
+    value_keywords={
+        "none": keyword_pattern(r"no idea", r"not sure", r"haven't heard", r"don't know"),
+        "no_data": keyword_pattern(r"no data", r"without (?:any )?data", r"doesn't need data", r"needs no data"),
+        "bc_is_rl": keyword_pattern(r"same thing", r"kind of (?:rl|reinforcement)", r"(?:bc|cloning) is (?:just )?rl"),
     },
 )
 

@@ -101,6 +101,12 @@ INTEREST = Attribute(
         "nature": ("I love being outdoors in nature.", "Nature and fresh air, please.", "Parks, lakes and wildlife."),
         "art": ("I'm really into art.", "Galleries and painting, mostly.", "Anything creative and artistic."),
     },
+    value_keywords={
+        "food": keyword_pattern(r"food", r"eat", r"cuisine", r"dish", r"restaurant", r"culinar", r"tasting"),
+        "history": keyword_pattern(r"histor", r"castle", r"ancient", r"heritage", r"ruins", r"the past"),
+        "nature": keyword_pattern(r"nature", r"outdoor", r"hik", r"wildlife", r"park", r"lake", r"mountain"),
+        "art": keyword_pattern(r"art\b", r"arts\b", r"galler", r"paint", r"creative", r"artist"),
+    },
 )
 
 BUDGET = Attribute(
@@ -123,6 +129,14 @@ BUDGET = Attribute(
             "I'm happy to splurge.",
             "My budget is generous.",
             "Price doesn't matter.",
+        ),
+    },
+    value_keywords={
+        "tight": keyword_pattern(
+            r"tight", r"cheap", r"low budget", r"small budget", r"limited", r"can't spend", r"frugal"
+        ),
+        "generous": keyword_pattern(
+            r"generous", r"splurge", r"no problem", r"luxur", r"don't mind spending", r"big budget"
         ),
     },
 )
@@ -157,6 +171,12 @@ COMPANIONS = Attribute(
     answers={
         "adults": ("Just me, travelling alone.", "My partner and I.", "A few friends and me.", "Just us adults."),
         "kids": ("I'm bringing my kids.", "It's a family trip with young children.", "My two children are coming."),
+    },
+    value_keywords={
+        "adults": keyword_pattern(
+            r"adults?\b", r"alone", r"by myself", r"partner", r"wife", r"husband", r"friends", r"solo"
+        ),
+        "kids": keyword_pattern(r"kids?\b", r"child", r"son\b", r"daughter", r"family", r"toddler"),
     },
 )
 
