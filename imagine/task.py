@@ -36,8 +36,19 @@ class TaskSpec(BaseModel):
     opening_line: str = Field(min_length=1, description="The agent's first utterance.")
     max_turns: int = Field(default=8, ge=2, le=64, description="Agent turns before the dialogue ends.")
     agent_style: str = Field(default="", description="Extra guidance for the agent's replies.")
+    act_instruction: str = Field(
+        default="",
+        description="What the agent does once it knows enough, e.g. 'Recommend one activity.' "
+        "(turn-by-turn imagination; default: pursue the goal).",
+    )
+    user_aliases: list[str] = Field(
+        default_factory=list, description="Other names an LLM may give the user in a dialogue, e.g. 'Traveller'."
+    )
+    agent_aliases: list[str] = Field(
+        default_factory=list, description="Other names an LLM may give the agent in a dialogue, e.g. 'Tutor'."
+    )
 
-    @field_validator("persona_hints", "critique_criteria")
+    @field_validator("persona_hints", "critique_criteria", "user_aliases", "agent_aliases")
     @classmethod
     def _no_blank_items(cls, items: list[str]) -> list[str]:
         if any(not item.strip() for item in items):
