@@ -17,6 +17,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from bot.context import open_store
 from bot.events import Improver
 from bot.policy_holder import PolicyHolder
@@ -137,17 +139,22 @@ async def expire_periodically(service: DialogueService, stop: asyncio.Event, int
             logger.exception("idle-session sweep failed")
 
 
+def token_set(token: SecretStr | None) -> bool:
+    """Whether a platform token is configured: ``TOKEN=`` (as copied from ``.env.example``) means off."""
+    return token is not None and bool(token.get_secret_value().strip())
+
+
 def configured_adapters(settings: Settings) -> dict[str, AdapterRunner]:
     """The platform runners whose token is set (imported lazily: each pulls in its client library)."""
     runners: dict[str, AdapterRunner] = {}
-    if settings.telegram_token is not None:
+    if token_set(settings.telegram_token):
         try:
             from bot.adapters.telegram import run_telegram
 
             runners["telegram"] = run_telegram
         except ImportError:
             logger.exception("TELEGRAM_TOKEN is set but the Telegram adapter cannot be imported")
-    if settings.discord_token is not None:
+    if token_set(settings.discord_token):
         try:
             from bot.adapters.discord import run_discord
 
@@ -230,7 +237,7 @@ async def serve(
             sweeper = asyncio.create_task(expire_periodically(runtime.service, stop, EXPIRY_INTERVAL_S))
             try:
                 runners = configured_adapters(settings)
-                if not runners and (settings.telegram_token or settings.discord_token):
+                if not runners and (token_set(settings.telegram_token) or token_set(settings.discord_token)):
                     raise ServeError("a platform token is set but no adapter could start (see the log above)")
                 if runners:
                     logger.info("starting adapters: %s", ", ".join(runners))
