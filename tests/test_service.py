@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,8 +13,9 @@ from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, Reply, encode_feedback
 from bot.policy_holder import PolicyHolder
 from bot.service import POLICY_APOLOGY, DialogueService
 from bot.settings import Settings
+from bot.text import sanitize
 from imagine.task import load_task
-from learning.interface import History
+from learning.interface import History, Policy
 from storage import ConversationStatus, Feedback, Store
 from storage.database import Database
 
@@ -59,6 +60,16 @@ class ScriptedPolicy:
         self.closed = True
 
 
+@pytest.fixture(scope="module")
+def tiny_policy() -> Iterator[Policy]:
+    """The real prompted base policy on the tiny random model (its replies are gibberish, often with controls)."""
+    from learning.policy import load_policy
+
+    policy = load_policy("base", task=TASK, base_model="tiny", max_new_tokens=4)
+    yield policy
+    policy.close()
+
+
 class Clock:
     """A clock the test moves by hand."""
 
@@ -69,7 +80,7 @@ class Clock:
         return self.now
 
 
-def make_service(store: Store, policy: ScriptedPolicy | None = None, **settings: object) -> DialogueService:
+def make_service(store: Store, policy: Policy | None = None, **settings: object) -> DialogueService:
     values: dict[str, object] = {"admin_ids": ["discord:99"], "max_message_chars": 4000, **settings}
     return DialogueService(
         store=store,
@@ -85,15 +96,15 @@ async def feedback_rows(store: Store) -> list[Feedback]:
         return list((await session.exec(select(Feedback))).all())
 
 
-async def test_whole_conversation_is_logged_with_thumbs_and_reward(store: Store) -> None:
-    service = make_service(store)
+async def test_whole_conversation_is_logged_with_thumbs_and_reward(store: Store, tiny_policy: Policy) -> None:
+    service = make_service(store, tiny_policy)
     opening = await service.handle_command(ALICE, "start")
     assert opening[0].text == TASK.opening_line and opening[0].turn_id is not None
 
     first = await service.handle_message(ALICE, "I love museums")
     second = await service.handle_message(ALICE, "and a tight budget")
-    assert first[0].text == "scripted heard: I love museums"
-    assert second[0].turn_id is not None and not second[0].private
+    assert len(first) == len(second) == 1
+    assert second[0].turn_id is not None and not second[0].private and not second[0].is_error
 
     toast = await service.handle_feedback(ALICE, encode_feedback(second[0].turn_id, True))
     assert "👍" in toast
@@ -111,11 +122,13 @@ async def test_whole_conversation_is_logged_with_thumbs_and_reward(store: Store)
     assert [(t.role, t.text) for t in turns] == [
         ("agent", TASK.opening_line),
         ("user", "I love museums"),
-        ("agent", "scripted heard: I love museums"),
+        ("agent", first[0].text),
         ("user", "and a tight budget"),
-        ("agent", "scripted heard: and a tight budget"),
+        ("agent", second[0].text),
     ]
-    assert all(t.latency_ms is not None and t.latency_ms >= 0 for t in turns if t.role == "agent" and t.index)
+    assert [t.id for t in turns if t.role == "agent"] == [opening[0].turn_id, first[0].turn_id, second[0].turn_id]
+    assert all(t.text == sanitize(t.text) != "" for t in turns)  # the random model's control bytes are gone
+    assert [t.latency_ms is not None and t.latency_ms > 0 for t in turns] == [False, False, True, False, True]
     thumbs = [f for f in await feedback_rows(store) if f.kind == "thumbs"]
     assert [(f.turn_id, f.value) for f in thumbs] == [(second[0].turn_id, -1.0)]
     records = await store.dialogues_for_training(sources=["real"])
@@ -319,14 +332,28 @@ async def test_turns_in_one_session_are_processed_in_order(store: Store) -> None
     service = make_service(store, ScriptedPolicy(delay=0.01))
     texts = [f"message {i}" for i in range(6)]
     results = await asyncio.gather(*(service.handle_message(ALICE, text) for text in texts))
-    assert [[x for x in r if x.turn_id][-1].text for r in results] == [f"scripted heard: {t}" for t in texts]
+    replies = [[r for r in result if r.turn_id][-1] for result in results]
+    assert [r.text for r in replies] == [f"scripted heard: {text}" for text in texts]
+    turns = await store.get_turns((await store.get_turn(replies[0].turn_id)).conversation_id)
+    assert [(t.role, t.text) for t in turns[1::2]] == [("user", text) for text in texts]
+    assert [(t.role, t.id, t.text) for t in turns[2::2]] == [("agent", r.turn_id, r.text) for r in replies]
     # The opening line and five replies reach the task's max_turns (6): the user is asked for a verdict once.
     assert [i for i, r in enumerate(results) if "/end good" in r[-1].text] == [TASK.max_turns - 2]
-    turns = await store.get_turns((await store.get_turn(results[0][1].turn_id)).conversation_id)
-    expected = [("agent", TASK.opening_line)]
-    for text in texts:
-        expected += [("user", text), ("agent", f"scripted heard: {text}")]
-    assert [(t.role, t.text) for t in turns] == expected
+
+
+async def test_concurrent_sessions_share_the_real_policy_without_mixing_replies(
+    sqlite_store: Store, tiny_policy: Policy
+) -> None:
+    service = make_service(sqlite_store, tiny_policy)
+    chats = [ChatRef(platform="telegram", chat_id=str(i), user_id=str(i)) for i in range(4)]
+    results = await asyncio.gather(*(service.handle_message(chat, f"I am user {i}") for i, chat in enumerate(chats)))
+    for i, result in enumerate(results):
+        turns = await sqlite_store.get_turns((await sqlite_store.get_turn(result[-1].turn_id)).conversation_id)
+        assert [(t.role, t.text) for t in turns] == [
+            ("agent", TASK.opening_line),
+            ("user", f"I am user {i}"),
+            ("agent", result[-1].text),
+        ]
 
 
 async def test_idle_sessions_expire_without_reward(store: Store) -> None:
