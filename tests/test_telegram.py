@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+import torch
 from sqlmodel import select
 
 from bot.adapters.telegram import APOLOGY, CHOSEN_MARK, TEXT_ONLY, run_telegram
@@ -17,6 +18,8 @@ from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
 from bot.settings import Settings
 from imagine.task import load_task
+from learning.interface import Policy
+from learning.policy import load_policy
 from storage import Store
 from storage.models import Conversation, Feedback, Turn
 from tests.fakes.telegram_api import FakeTelegramServer
@@ -56,18 +59,20 @@ class Harness:
             return list((await session.exec(select(Feedback))).all())
 
 
-@pytest.fixture
-def tiny_policy():
-    """The prompted base policy on the tiny random model (fast, offline)."""
-    from learning.policy import load_policy
-
-    policy = load_policy("base", task=load_task("travel"), base_model="tiny")
+@pytest.fixture(scope="module")
+def tiny_policy() -> Iterator[Policy]:
+    """The prompted base policy on the tiny random model with short replies; one per module (serves any loop)."""
+    threads = torch.get_num_threads()
+    # One thread: a 64-wide model gains nothing from two, and spinning threads crawl on a busy 2-core machine.
+    torch.set_num_threads(1)
+    policy = load_policy("base", task=load_task("travel"), base_model="tiny", max_new_tokens=12)
     yield policy
     policy.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
-async def harness(sqlite_store: Store, tiny_policy, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Harness]:
+async def harness(sqlite_store: Store, tiny_policy: Policy, caplog: pytest.LogCaptureFixture) -> AsyncIterator[Harness]:
     """The bot polling the fake server; afterwards checks that the token never reached a log line."""
     caplog.set_level(logging.DEBUG)
     async with FakeTelegramServer() as server:
@@ -331,7 +336,7 @@ async def test_stop_lets_the_reply_in_flight_finish(harness: Harness) -> None:
 
 
 async def test_rejected_token_turns_the_adapter_off_without_logging_it(
-    sqlite_store: Store, tiny_policy, caplog: pytest.LogCaptureFixture
+    sqlite_store: Store, tiny_policy: Policy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with FakeTelegramServer() as server:
@@ -345,7 +350,7 @@ async def test_rejected_token_turns_the_adapter_off_without_logging_it(
     assert "WRONG-token" not in caplog.text
 
 
-async def test_unreachable_telegram_at_start_is_retried(sqlite_store: Store, tiny_policy) -> None:
+async def test_unreachable_telegram_at_start_is_retried(sqlite_store: Store, tiny_policy: Policy) -> None:
     async with FakeTelegramServer() as server:
         server.fail_next("getMe", error_code=502, description="Bad Gateway", times=2)
         settings = Settings(_env_file=None, telegram_token=server.token, telegram_base_url=server.base_url)
