@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
 from bot.settings import Settings
 from imagine.task import load_task
-from learning.interface import History
+from learning.policy import LearnedPolicy, load_policy
 from storage import Conversation, Feedback, Role, Store
 from tests.fakes.discord_gateway import (
     CALLBACK_DEFERRED_MESSAGE,
@@ -41,30 +41,19 @@ ADMIN = FakeUser(42, "root")
 GUILD_MESSAGES_INTENT, DIRECT_MESSAGES_INTENT = 1 << 9, 1 << 12
 
 
-class EchoPolicy:
-    """A stand-in policy until the tiny-model one lands: answers with what it heard (after ``delay`` s)."""
-
-    version_id = None
-    name = "echo"
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-
-    def respond_batch(self, histories: Sequence[History], *, seed: int | None = None) -> list[str]:
-        return [f"You said: {history[-1].text}" for history in histories]
-
-    async def respond(self, history: History) -> str:
-        await asyncio.sleep(self.delay)
-        return self.respond_batch([history])[0]
-
-    def close(self) -> None:
-        pass
+@pytest.fixture
+def tiny_policy() -> Iterator[LearnedPolicy]:
+    """The prompted base policy on the tiny random model; short replies keep the tests fast."""
+    policy = load_policy("base", task=TASK, base_model="tiny", max_new_tokens=6)
+    yield policy
+    policy.close()
 
 
 @asynccontextmanager
 async def running_bot(
     fake: FakeDiscord,
     store: Store,
+    policy: LearnedPolicy,
     tmp_path: Path,
     *,
     guild: bool = True,
@@ -79,7 +68,7 @@ async def running_bot(
         discord_guild_id=fake.guild_id if guild else None,
         admin_ids=[f"discord:{ADMIN.id}"],
     )
-    holder = PolicyHolder(EchoPolicy())
+    holder = PolicyHolder(policy)
     service = DialogueService(store=store, policies=holder, task=TASK, settings=settings)
     stop = asyncio.Event()
     runner = asyncio.create_task(run_discord(service, settings, stop, defer_after_s=defer_after_s))
@@ -90,7 +79,6 @@ async def running_bot(
         stop.set()
         await asyncio.wait_for(runner, 15)
         await service.shutdown()
-        holder.close()
 
 
 @pytest.fixture
@@ -120,10 +108,10 @@ def only(items: list[Any]) -> Any:
 
 
 async def test_conversation_with_slash_commands_mention_button_and_end(
-    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with running_bot(fake, sqlite_store, tmp_path) as service:
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path) as service:
         # Connected without the privileged intent, commands synced to the configured guild only.
         assert fake.identify is not None
         intents = int(fake.identify["intents"])
@@ -151,11 +139,8 @@ async def test_conversation_with_slash_commands_mention_button_and_end(
         asked = await fake.send_user_message(ALICE, "a quiet beach, please", mention_bot=True)
         [reply] = await fake.wait_for_channel_messages(fake.channel_id, 1)
         turns = await sqlite_store.get_turns(conversation.id)
-        assert [(turn.role, turn.text) for turn in turns[1:]] == [
-            (Role.USER, "a quiet beach, please"),
-            (Role.AGENT, "You said: a quiet beach, please"),
-        ]
-        assert reply["content"] == "You said: a quiet beach, please"
+        assert [(turn.role, turn.text) for turn in turns[1:2]] == [(Role.USER, "a quiet beach, please")]
+        assert turns[2].role == Role.AGENT and reply["content"] == turns[2].text
         assert custom_ids(reply) == [encode_feedback(turns[2].id, True), encode_feedback(turns[2].id, False)]
         post = only(fake.calls_to("POST", rf"/channels/{fake.channel_id}/messages"))
         assert post.body["allowed_mentions"]["parse"] == []
@@ -181,9 +166,9 @@ async def test_conversation_with_slash_commands_mention_button_and_end(
 
 
 async def test_dm_answered_guild_message_without_mention_ignored_global_sync(
-    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
 ) -> None:
-    async with running_bot(fake, sqlite_store, tmp_path, guild=False) as service:
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path, guild=False) as service:
         sync = only(fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands"))
         assert {command["name"] for command in sync.body} == {c.name for c in service.commands}
         assert not fake.calls_to("PUT", rf"/applications/{fake.application_id}/guilds/\d+/commands")
@@ -193,16 +178,14 @@ async def test_dm_answered_guild_message_without_mention_ignored_global_sync(
         await fake.send_user_message(BOB, "hello there", dm=True)
         dm_channel = fake.dm_channel_id(BOB)
         opening, answer = await fake.wait_for_channel_messages(dm_channel, 2)
-        assert (opening["content"], answer["content"]) == (TASK.opening_line, "You said: hello there")
+        conversation = only(await conversations_of(sqlite_store, BOB))
+        turns = await sqlite_store.get_turns(conversation.id)
+        assert [turn.text for turn in turns] == [TASK.opening_line, "hello there", answer["content"]]
+        assert opening["content"] == TASK.opening_line
         assert "guild_id" not in answer and len(custom_ids(answer)) == 2
         assert fake.calls_to("POST", rf"/channels/{dm_channel}/typing")
         assert fake.channel_id not in fake.channel_messages
         assert not fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")
-        conversation = only(await conversations_of(sqlite_store, BOB))
-        assert [turn.text for turn in await sqlite_store.get_turns(conversation.id)][1:] == [
-            "hello there",
-            "You said: hello there",
-        ]
 
         # Global commands work in DMs; /help is only for the caller.
         help_log = await fake.wait_for_interaction(await fake.run_slash_command(BOB, "help", dm=True))
@@ -210,12 +193,14 @@ async def test_dm_answered_guild_message_without_mention_ignored_global_sync(
     assert not fake.unknown_calls
 
 
-async def test_forget_admin_refusal_and_bad_buttons(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
-    async with running_bot(fake, sqlite_store, tmp_path):
-        await fake.send_user_message(ALICE, "somewhere warm", mention_bot=True)
-        _opening, reply = await fake.wait_for_channel_messages(fake.channel_id, 2)
+async def test_forget_admin_refusal_and_bad_buttons(
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
+) -> None:
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path):
+        start = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "start"))
+        reply = only(start.visible())
 
-        # Bob rates Alice's reply: refused clearly, nothing recorded.
+        # Bob rates Alice's opening line: refused clearly, nothing recorded.
         foreign = await fake.wait_for_interaction(await fake.click_button(BOB, reply, custom_ids(reply)[1]))
         assert "own conversation" in only(foreign.texts()) and is_ephemeral(foreign.visible()[0])
 
@@ -235,8 +220,7 @@ async def test_forget_admin_refusal_and_bad_buttons(fake: FakeDiscord, sqlite_st
         assert "only for admins" not in only(allowed.texts())
 
         # /forget deletes Alice's conversation (and only hers).
-        await fake.send_user_message(BOB, "mountains", dm=True)
-        await fake.wait_for_channel_messages(fake.dm_channel_id(BOB), 2)
+        await fake.wait_for_interaction(await fake.run_slash_command(BOB, "start"))
         forget = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "forget"))
         assert "deleted 1 conversation" in only(forget.texts())
         assert await conversations_of(sqlite_store, ALICE) == []
@@ -244,13 +228,16 @@ async def test_forget_admin_refusal_and_bad_buttons(fake: FakeDiscord, sqlite_st
     assert not fake.unknown_calls
 
 
-async def test_feedback_buttons_work_after_a_restart(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
+async def test_feedback_buttons_work_after_a_restart(
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
+) -> None:
     dm_channel = fake.dm_channel_id(ALICE)
-    async with running_bot(fake, sqlite_store, tmp_path):
-        await fake.send_user_message(ALICE, "a city break", dm=True)
-        _, reply = await fake.wait_for_channel_messages(dm_channel, 2)
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path):
+        await fake.send_user_message(ALICE, "/start", dm=True)  # typed: DMs have no guild commands
+        [reply] = await fake.wait_for_channel_messages(dm_channel, 1)
+        assert reply["content"] == TASK.opening_line
     # A new process: nothing in memory knows that message, the custom id alone carries the vote.
-    async with running_bot(fake, sqlite_store, tmp_path, session=2):
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path, session=2):
         click = await fake.wait_for_interaction(await fake.click_button(ALICE, reply, custom_ids(reply)[1]))
         assert "👎" in only(click.texts()) and is_ephemeral(click.visible()[0])
     conversation = only(await conversations_of(sqlite_store, ALICE))
@@ -259,9 +246,9 @@ async def test_feedback_buttons_work_after_a_restart(fake: FakeDiscord, sqlite_s
 
 
 async def test_slow_answers_are_deferred_then_followed_up(
-    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
 ) -> None:
-    async with running_bot(fake, sqlite_store, tmp_path, defer_after_s=0.0):
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path, defer_after_s=0.0):
         # Public answer: "thinking…" then the original response becomes the opening line with buttons.
         start = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "start"))
         assert start.callback_type == CALLBACK_DEFERRED_MESSAGE
@@ -292,9 +279,9 @@ async def test_slow_answers_are_deferred_then_followed_up(
 
 
 async def test_stale_command_and_failed_send_are_answered_and_the_bot_goes_on(
-    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with running_bot(fake, sqlite_store, tmp_path):
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path):
         # A command Discord still lists but this version no longer has (e.g. global commands lag an hour).
         stale = dict(fake.commands[fake.guild_id][0], name="teleport", id="1")
         fake.commands[fake.guild_id].append(stale)
@@ -304,21 +291,24 @@ async def test_stale_command_and_failed_send_are_answered_and_the_bot_goes_on(
         # Discord refuses typing and the first reply: logged, apologised for, and the next message is answered.
         fake.fail_next("POST", rf"/channels/{fake.dm_channel_id(ALICE)}/typing")
         fake.fail_next("POST", rf"/channels/{fake.dm_channel_id(ALICE)}/messages")
-        await fake.send_user_message(ALICE, "Lisbon?", dm=True)
+        await fake.send_user_message(ALICE, "/start", dm=True)
         [apology] = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 1)
         assert apology["content"] == SEND_FAILED_TEXT
         assert "sending to channel" in caplog.text and "typing indicator refused" in caplog.text
-        await fake.send_user_message(ALICE, "or Porto?", dm=True)
+        await fake.send_user_message(ALICE, "Lisbon?", dm=True)
         _, answer = await fake.wait_for_channel_messages(fake.dm_channel_id(ALICE), 2)
-        assert answer["content"] == "You said: or Porto?"
         conversation = only(await conversations_of(sqlite_store, ALICE))
-        user_turns = [t.text for t in await sqlite_store.get_turns(conversation.id) if t.role == Role.USER]
-        assert user_turns == ["Lisbon?", "or Porto?"]  # logged although the first reply never arrived
+        turns = await sqlite_store.get_turns(conversation.id)
+        # The opening line was stored although it never arrived; the conversation went on from it.
+        assert [turn.text for turn in turns[:2]] == [TASK.opening_line, "Lisbon?"]
+        assert answer["content"] == turns[2].text and len(turns) == 3
 
 
-async def test_stop_lets_the_reply_in_flight_finish(fake: FakeDiscord, sqlite_store: Store, tmp_path: Path) -> None:
+async def test_stop_lets_the_reply_in_flight_finish(
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
+) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path, discord_token=SecretStr(fake.token))  # type: ignore[call-arg]
-    holder = PolicyHolder(EchoPolicy(delay=0.5))  # still generating when the stop comes
+    holder = PolicyHolder(tiny_policy)
     service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
     stop = asyncio.Event()
     runner = asyncio.create_task(run_discord(service, settings, stop))
@@ -327,35 +317,32 @@ async def test_stop_lets_the_reply_in_flight_finish(fake: FakeDiscord, sqlite_st
     await fake.wait_for(lambda: fake.calls_to("POST", r"/channels/\d+/typing"), what="typing")
     stop.set()
     await asyncio.wait_for(runner, 15)
-    assert [m["content"] for m in fake.channel_messages[fake.dm_channel_id(BOB)]] == [
-        TASK.opening_line,
-        "You said: quick question",
-    ]
+    conversation = only(await conversations_of(sqlite_store, BOB))
+    turns = await sqlite_store.get_turns(conversation.id)
+    assert [turn.text for turn in turns][:2] == [TASK.opening_line, "quick question"] and len(turns) == 3
+    assert [m["content"] for m in fake.channel_messages[fake.dm_channel_id(BOB)]] == [TASK.opening_line, turns[2].text]
     await service.shutdown()
-    holder.close()
 
 
 async def test_rejected_token_turns_the_adapter_off_without_logging_it(
-    fake: FakeDiscord, sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = "WRONG-token-" + "B" * 40
     settings = Settings(_env_file=None, data_dir=tmp_path, discord_token=SecretStr(wrong))  # type: ignore[call-arg]
-    holder = PolicyHolder(EchoPolicy())
+    holder = PolicyHolder(tiny_policy)
     service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
     await asyncio.wait_for(run_discord(service, settings, asyncio.Event()), 15)
     assert "rejected the bot token" in caplog.text
     assert "WRONG-token" not in caplog.text
     assert fake.unauthorized_calls and fake.identify is None
-    holder.close()
 
 
-async def test_no_token_means_discord_is_off(sqlite_store: Store, tmp_path: Path) -> None:
+async def test_no_token_means_discord_is_off(sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
-    holder = PolicyHolder(EchoPolicy())
+    holder = PolicyHolder(tiny_policy)
     service = DialogueService(store=sqlite_store, policies=holder, task=TASK, settings=settings)
     await asyncio.wait_for(run_discord(service, settings, asyncio.Event()), 5)  # returns instead of serving
-    holder.close()
 
 
 def test_long_replies_are_split_with_buttons_on_the_last_piece_only() -> None:
