@@ -27,6 +27,7 @@ from learning.policy import LearnedPolicy, load_policy
 from storage import Conversation, Feedback, Role, Store
 from tests.fakes.discord_gateway import (
     CALLBACK_DEFERRED_MESSAGE,
+    CALLBACK_MESSAGE,
     MESSAGE_CONTENT_INTENT,
     FakeDiscord,
     FakeUser,
@@ -246,7 +247,7 @@ async def test_feedback_buttons_work_after_a_restart(
 
 
 async def test_slow_answers_are_deferred_then_followed_up(
-    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_bot(fake, sqlite_store, tiny_policy, tmp_path, defer_after_s=0.0):
         # Public answer: "thinking…" then the original response becomes the opening line with buttons.
@@ -275,6 +276,16 @@ async def test_slow_answers_are_deferred_then_followed_up(
         click = await fake.wait_for_interaction(await fake.click_button(ALICE, opening, custom_ids(opening)[1]))
         assert click.callback_type == CALLBACK_DEFERRED_MESSAGE and is_ephemeral(only(click.visible()))
         assert "👎" in only(click.texts())
+
+        # Discord refuses the deferral (it arrived too late): the command still takes effect, the failure is logged.
+        fake.fail_next(
+            "POST", r"/interactions/\d+/[^/]+/callback", status=404, message="Unknown interaction", code=10062
+        )
+        end = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "end", {"choice": "good"}))
+        assert end.callback_type == CALLBACK_MESSAGE and "Glad it helped" in only(end.texts())
+        assert "could not defer interaction" in caplog.text
+        latest = max(await conversations_of(sqlite_store, ALICE), key=lambda c: c.id)
+        assert (latest.reward, latest.reward_source) == (1.0, "end")
     assert not fake.unknown_calls
 
 

@@ -385,18 +385,19 @@ class ReverieDiscordClient(discord.Client):
     ) -> None:
         task = asyncio.ensure_future(work)
         deferred = False
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.defer_after_s)
-            if not done:
+        done, _ = await asyncio.wait({task}, timeout=self.defer_after_s)
+        if not done:
+            try:
                 await interaction.response.defer(thinking=True, ephemeral=defer_ephemeral)
                 deferred = True
+            except discord.HTTPException as error:
+                # Too late (Discord gave up on it) or refused: the service still finishes, so nothing is lost.
+                _log.warning("Discord: could not defer interaction %s: %s %s", interaction.id, error.status, error.text)
+        try:
             replies = await task
         except Exception:
             _log.exception("Discord: handling interaction %s failed", interaction.id)
             replies = [Reply(chunks=(ERROR_TEXT,), private=True, is_error=True)]
-        finally:
-            if not task.done():
-                task.cancel()
         try:
             await self._send_interaction_replies(
                 interaction, replies, deferred=deferred, deferred_ephemeral=defer_ephemeral

@@ -221,9 +221,11 @@ class FakeDiscord:
             what=f"session {session} to identify and sync commands ({scope})",
         )
 
-    def fail_next(self, method: str, pattern: str, *, status: int = 403, message: str = "Missing Permissions") -> None:
-        """Answer the next ``method`` call whose path fully matches ``pattern`` with an error (code 50013)."""
-        self._failures.append((method, re.compile(pattern), status, {"message": message, "code": 50013}))
+    def fail_next(
+        self, method: str, pattern: str, *, status: int = 403, message: str = "Missing Permissions", code: int = 50013
+    ) -> None:
+        """Answer the next ``method`` call whose path fully matches ``pattern`` with a Discord error."""
+        self._failures.append((method, re.compile(pattern), status, {"message": message, "code": code}))
 
     def call_summary(self) -> list[str]:
         """``METHOD path`` of every REST call so far (for failure messages)."""
