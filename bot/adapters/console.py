@@ -78,7 +78,8 @@ class ConsoleChat:
         finally:
             stopping.cancel()
         if self.interactive:
-            self.console.print("[dim]Bye! Your conversation stays open; come back within a while to continue.[/]")
+            minutes = self.service.settings.session_idle_minutes
+            self.console.print(f"[dim]Bye! Come back within {minutes:g} minutes to continue this conversation.[/]")
 
     async def handle_line(self, line: str) -> bool:
         """Act on one input line; ``False`` means the user asked to leave."""
@@ -109,7 +110,7 @@ class ConsoleChat:
         for reply in replies:
             if reply.turn_id is not None:
                 self.last_turn_id = reply.turn_id
-                self.console.print(Text("reverie> ", style="bold green") + Text(reply.text))
+                self.console.print(Text.assemble(("reverie> ", "bold green"), reply.text))
                 if not self._hinted and self.interactive:
                     self.console.print("[dim](+ / - rates this reply)[/]")
                     self._hinted = True
