@@ -365,3 +365,17 @@ def test_long_replies_are_split_with_buttons_on_the_last_piece_only() -> None:
     assert [m.private for m in messages] == [False, False, False, True]
     view = messages[2].view()
     assert view is not None and [item.custom_id for item in view.children] == ["fb:7:up", "fb:7:down"]
+
+
+async def test_refused_command_sync_is_logged_and_messages_still_work(
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bot invited without the applications.commands scope may not register commands.
+    pattern = rf"/applications/{fake.application_id}/guilds/{fake.guild_id}/commands"
+    fake.fail_next("PUT", pattern, message="Missing Access", code=50001)
+    async with running_bot(fake, sqlite_store, tiny_policy, tmp_path):
+        assert fake.guild_id not in fake.commands
+        assert "could not register slash commands" in caplog.text and "applications.commands" in caplog.text
+        await fake.send_user_message(BOB, "/help", dm=True)
+        [answer] = await fake.wait_for_channel_messages(fake.dm_channel_id(BOB), 1)
+        assert "/feedback" in answer["content"]
