@@ -251,10 +251,10 @@ async def serve(
 
 
 def default_improver_hook() -> ImproverHook | None:
-    """The improvement loop's hook, ``bot.improve.improvement_hook``, once that module provides one."""
+    """The improvement loop's hook, ``bot.improve.improvement_hook`` (``None`` where it cannot be imported)."""
     try:
-        from bot.improve import improvement_hook  # type: ignore[attr-defined]
+        from bot.improve import improvement_hook
     except ImportError:
-        logger.info("no improvement hook (bot.improve.improvement_hook): /retrain and /rollback are off")
+        logger.exception("the improvement loop cannot be imported: /retrain and /rollback are off")
         return None
-    return improvement_hook  # type: ignore[no-any-return]
+    return improvement_hook
