@@ -138,7 +138,7 @@ class DialogueService:
             return [self._notice(chat, f"/{name} is only for admins of this bot.", error=True)]
         with self._tracked():
             try:
-                return await handler(chat, sanitize(argument))
+                return await handler(chat, sanitize(argument or ""))
             except Exception:
                 logger.exception("/%s from %s failed", name, chat.user_key)
                 return [self._notice(chat, STORAGE_APOLOGY, error=True)]
@@ -195,7 +195,8 @@ class DialogueService:
         """Refuse new turns and wait for those in flight; open conversations stay open to resume later."""
         self._closing = True
         await self._idle.wait()
-        logger.info("dialogue service stopped; %d sessions stay open in the database", len(self._sessions))
+        still_open = sum(1 for session in self._sessions.values() if session.conversation_id is not None)
+        logger.info("dialogue service stopped; %d open conversations stay open to resume", still_open)
 
     # --- messages ------------------------------------------------------------------------------------
 
