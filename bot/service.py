@@ -109,11 +109,6 @@ class DialogueService:
         """Every command, for ``setMyCommands`` / ``app_commands`` (admin ones flagged)."""
         return list(COMMANDS)
 
-    @property
-    def open_sessions(self) -> int:
-        """Sessions held in memory right now."""
-        return len(self._sessions)
-
     async def handle_message(self, chat: ChatRef, text: str) -> list[Reply]:
         """A user's message: log it, ask the policy, log and return the reply (opening a conversation if needed)."""
         if self._closing:
