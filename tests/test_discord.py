@@ -122,11 +122,12 @@ async def test_conversation_with_slash_commands_mention_button_and_end(
         assert sorted(command["name"] for command in sync.body) == sorted(c.name for c in service.commands)
         assert not fake.calls_to("PUT", rf"/applications/{fake.application_id}/commands")
         by_name = {command["name"]: command for command in sync.body}
-        assert (
-            by_name["rate"]["options"][0] | {"type": 4, "min_value": 1, "max_value": 5, "required": True}
-            == (by_name["rate"]["options"][0])
-        )
-        assert [choice["value"] for choice in by_name["end"]["options"][0]["choices"]] == ["good", "bad"]
+        [score] = by_name["rate"]["options"]
+        assert (score["type"], score["min_value"], score["max_value"], score["required"]) == (4, 1, 5, True)
+        [verdict] = by_name["end"]["options"]
+        assert [choice["value"] for choice in verdict["choices"]] == ["good", "bad"] and not verdict["required"]
+        [text] = by_name["feedback"]["options"]
+        assert (text["type"], text["required"]) == (3, True) and by_name["start"]["options"] == []
 
         # /start: the opening line, public, with 👍/👎 for its stored turn.
         start = await fake.wait_for_interaction(await fake.run_slash_command(ALICE, "start"))
