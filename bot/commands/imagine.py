@@ -39,11 +39,16 @@ def build_backend(settings: Settings, kind: str, *, concurrency: int, seed: int)
             seed=seed,
         )
     if kind == "local":
-        from learning.base_model import BUNDLED_ID, BUNDLED_NAME, resolve_model_path
+        from learning.base_model import load_base_model
 
-        path = resolve_model_path(settings.base_model, settings.resolved_model_cache_dir)
-        name = BUNDLED_ID if settings.base_model == BUNDLED_NAME else settings.base_model
-        return make_backend("local", model=path, model_name=name, max_batch=max(1, concurrency), seed=seed)
+        loaded = load_base_model(settings.base_model, cache_dir=settings.resolved_model_cache_dir)
+        return make_backend(
+            "local",
+            model=(loaded.model, loaded.tokenizer),
+            model_name=loaded.model_id,
+            max_batch=concurrency,
+            seed=seed,
+        )
     raise BackendError(f"unknown backend {kind!r}: choose one of {', '.join(BACKENDS)}")
 
 
@@ -174,7 +179,8 @@ def register(app: typer.Typer) -> None:
         if report.total < n:
             console.print(f"[yellow]resume with: reverie imagine --task {task or settings.task} --n {n} "
                           f"--backend {kind} --seed {seed} --run-id {report.run_id}[/yellow]")  # fmt: skip
-            raise typer.Exit(code=1)
+        if report.total == 0:
+            raise typer.Exit(code=1)  # a short run still exits 0: what it stored is usable and kept
 
 
 async def _run(

@@ -20,10 +20,10 @@ def make_backend(kind: str, **options: Any) -> ChatBackend:
 
         return OpenAIBackend(**options)
     if kind == "local":
-        from imagine.backends.local import LocalBackend  # imports torch: only when asked for
-
         if "model" not in options:
             raise BackendError("the local backend needs model=<model directory> or model=(model, tokenizer)")
+        from imagine.backends.local import LocalBackend  # imports torch and transformers: only when asked for
+
         return LocalBackend(options.pop("model"), **options)
     raise BackendError(f"unknown backend {kind!r}: choose one of {', '.join(BACKEND_KINDS)}")
 
