@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from bot.events import ChatRef
 from bot.policy_holder import PolicyHolder
-from bot.server import expire_periodically, load_active_policy, run_adapters
+from bot.server import expire_periodically, load_active_policy, run_adapters, serve
 from bot.service import DialogueService
 from bot.settings import Settings
 from imagine.task import load_task
 from learning.interface import History, Policy
-from storage import ConversationStatus, Store
+from storage import ConversationStatus, Database, Store
 
 TASK = load_task("travel")
 
@@ -124,3 +128,37 @@ async def test_start_up_serves_the_active_checkpoint_or_falls_back_to_base(sqlit
         ("base", None),
         ("base", None),  # a missing directory is not even tried
     ]
+
+
+async def test_serve_runs_telegram_from_settings_and_stops_on_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes.telegram_api import FakeTelegramServer
+
+    monkeypatch.chdir(tmp_path)
+    async with FakeTelegramServer() as telegram:
+        settings = Settings(
+            _env_file=None,
+            data_dir=tmp_path / "data",
+            base_model="tiny",
+            device="cpu",
+            max_new_tokens=4,
+            telegram_token=telegram.token,
+            telegram_base_url=telegram.base_url,
+            discord_token="",  # as copied from .env.example: off
+        )
+        serving = asyncio.create_task(serve(settings))
+        await telegram.wait_for_call("getUpdates", timeout=60)
+        await telegram.send_text(7, 7, "hello from telegram")
+        opening = await telegram.next_message(7, timeout=60)
+        reply = await telegram.next_message(7, timeout=60)
+        assert opening["text"] == TASK.opening_line and reply["text"]
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving, 30)
+    database = Database(settings.resolved_database_url)
+    store = Store(database)
+    [conversation] = await store.open_conversations()
+    turns = await store.get_turns(conversation.id)
+    assert (conversation.user_key, [t.role for t in turns]) == ("telegram:7", ["agent", "user", "agent"])
+    assert turns[1].text == "hello from telegram" and turns[2].text == reply["text"]
+    await database.dispose()
