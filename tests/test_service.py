@@ -63,11 +63,16 @@ class ScriptedPolicy:
 @pytest.fixture(scope="module")
 def tiny_policy() -> Iterator[Policy]:
     """The real prompted base policy on the tiny random model (its replies are gibberish, often with controls)."""
+    import torch
+
     from learning.policy import load_policy
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model gains nothing from more; spinning threads crawl on a busy machine
     policy = load_policy("base", task=TASK, base_model="tiny", max_new_tokens=4)
     yield policy
     policy.close()
+    torch.set_num_threads(threads)
 
 
 class Clock:
