@@ -255,8 +255,7 @@ class DialogueService:
 
     async def _open(self, chat: ChatRef, session: Session) -> Reply:
         """Open a conversation and log the task's opening line as its first agent turn."""
-        with self.policies.current() as policy:
-            version_id = policy.version_id
+        version_id = self.policies.version_id
         conversation = await self.store.start_conversation(
             source=Source.REAL,
             platform=chat.platform,
