@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import discord.http
 import pytest
 from pydantic import SecretStr
 from sqlmodel import select
@@ -101,6 +103,12 @@ async def all_feedback(store: Store) -> list[Feedback]:
 
 async def agent_turn_ids(store: Store, conversation_id: int) -> list[int]:
     return [turn.id for turn in await store.get_turns(conversation_id) if turn.role == Role.AGENT]
+
+
+async def logged(caplog: pytest.LogCaptureFixture, text: str, *, times: int = 1) -> None:
+    """Return once ``text`` was logged ``times`` times (nothing on the wire to wait for instead)."""
+    while caplog.text.count(text) < times:
+        await asyncio.sleep(0.02)
 
 
 def only(items: list[Any]) -> Any:
@@ -380,3 +388,26 @@ async def test_refused_command_sync_is_logged_and_messages_still_work(
         await fake.send_user_message(BOB, "/help", dm=True)
         [answer] = await fake.wait_for_channel_messages(fake.dm_channel_id(BOB), 1)
         assert "/feedback" in answer["content"]
+
+
+async def test_unreachable_discord_is_retried_until_it_answers(
+    fake: FakeDiscord, sqlite_store: Store, tiny_policy: LearnedPolicy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    reachable = discord.http.Route.BASE
+    discord.http.Route.BASE = f"http://127.0.0.1:{dead_port}/api/v10"
+    settings = Settings(_env_file=None, data_dir=tmp_path, discord_token=SecretStr(fake.token))  # type: ignore[call-arg]
+    service = DialogueService(store=sqlite_store, policies=PolicyHolder(tiny_policy), task=TASK, settings=settings)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_discord(service, settings, stop, retry_delay_s=0.05))
+    try:
+        await asyncio.wait_for(logged(caplog, "Discord unreachable", times=2), 15)
+        discord.http.Route.BASE = reachable  # Discord is back
+        await fake.wait_until_ready(None)
+        assert fake.sessions == 1
+    finally:
+        discord.http.Route.BASE = reachable
+        stop.set()
+        await asyncio.wait_for(runner, 15)
