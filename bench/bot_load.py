@@ -191,8 +191,10 @@ def markdown(results: list[LoadResult], command: str, threads: int) -> str:
     lines = [
         f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{command}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {threads}; "
-        "CPU shared with other work, so latencies are indicative.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {threads}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end (CPU shared with other work, so latencies are indicative). "
+        "Latency: user message injected into the fake Bot API → reply received by it (PTB polling, AIORateLimiter, "
+        "DialogueService, SQLite, policy).",
         "",
         "| policy | chats | messages | lost | turns logged | apologies | p50 s | p99 s | replies/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -228,7 +230,7 @@ class RateColumn(ProgressColumn):
 
 async def main_async(args: argparse.Namespace) -> list[LoadResult]:
     """Every (policy, N) in turn."""
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     results: list[LoadResult] = []
     columns = (
         TextColumn("{task.description}"),
@@ -263,7 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=3, help="messages per chat (each waits for its reply)")
     parser.add_argument("--policies", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "reverie" / "models")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (2 crawls when the 2 cores are shared)"
+    )
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to append to")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
