@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     improve_algo: Literal["ilql", "bc", "fbc", "ilql-utterance"] = "ilql"
     improve_steps: int = Field(default=300, ge=1)
+    improve_value_steps: int | None = Field(default=None, ge=0, description="ILQL value-stage steps.")
     improve_time_limit_minutes: float = Field(default=120.0, gt=0)
     improve_eval_episodes: int = Field(default=60, ge=1)
     improve_margin: float = Field(default=0.02, ge=0.0, description="Promote unless worse by more than this.")
@@ -72,6 +73,24 @@ class Settings(BaseSettings):
     keep_versions: int = Field(default=5, ge=1, description="Policy versions kept for rollback.")
 
     log_level: str = "INFO"
+
+    @field_validator(
+        "openai_api_key",
+        "telegram_token",
+        "discord_token",
+        "database_url",
+        "openai_base_url",
+        "telegram_base_url",
+        "discord_guild_id",
+        "model_cache_dir",
+        "beta",
+        "improve_value_steps",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # `TELEGRAM_TOKEN=` in .env means "no token", not an empty token.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("admin_ids", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -27,10 +28,18 @@ def reverie_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bot.cli", *args]
 
 
-def _lower_priority() -> None:
-    # Chats stay responsive while a step trains: the child yields the CPU to the serving process.
-    with contextlib.suppress(OSError):
-        os.nice(10)
+_PR_SET_PDEATHSIG = 1
+
+
+def _prepare_child(low_priority: bool) -> None:
+    """Runs in the child before exec: die with the parent (Linux), and yield the CPU to chats."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if low_priority:
+        with contextlib.suppress(OSError):
+            os.nice(10)
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -76,7 +85,7 @@ async def run_step(
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group, so we can end grandchildren too
-            preexec_fn=_lower_priority if low_priority else None,  # os.nice only: safe before exec
+            preexec_fn=functools.partial(_prepare_child, low_priority),  # prctl + nice only: safe before exec
         )
         logger.info("step %s started (pid %d)", name, process.pid)
         try:

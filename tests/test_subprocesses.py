@@ -61,3 +61,31 @@ async def test_cancellation_terminates_the_step(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not _alive(int(pid_file.read_text()))
+
+
+def test_a_step_dies_with_its_parent(tmp_path: Path) -> None:
+    """A killed server (SIGKILL: no cleanup runs) must not leave a trainer running."""
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = (
+        "import asyncio, sys; from pathlib import Path; from bot.subprocesses import run_step;"
+        f"asyncio.run(run_step('x', [sys.executable, '-c', {child!r}], log_path=Path({str(tmp_path / 'l')!r}),"
+        " time_limit_s=60))"
+    )
+    process = subprocess.Popen([sys.executable, "-c", parent])
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):
+        if not _alive(grandchild):
+            break
+        time.sleep(0.05)
+    assert not _alive(grandchild)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -59,11 +60,21 @@ async def _improve(settings: Settings) -> int:
                 )
 
             loop.on_step = on_step
+            run_task = asyncio.create_task(loop.run_once(trigger="cli"))
+            event_loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):  # cancel: the child ends, the run is marked cancelled
+                event_loop.add_signal_handler(signum, run_task.cancel)
             try:
-                run = await loop.run_once(trigger="cli")
+                run = await run_task
             except ImprovementBusyError as error:
                 console.print(f"[yellow]{error}[/yellow]")
                 return 3
+            except asyncio.CancelledError:
+                console.print("[yellow]improvement run cancelled[/yellow]")
+                return 130
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    event_loop.remove_signal_handler(signum)
             bar.update(overall, completed=len(STEPS), description="done")
         console.print(f"run #{run.id}: [bold]{run.status}[/bold]")
         for key, value in (run.metrics or {}).items():
