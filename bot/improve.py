@@ -295,7 +295,7 @@ class ImprovementLoop:
         """Fresh imagined dialogues of the task; they land in the database as ``source="imagined"``."""
         s = self.settings
         command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=s.imagine_backend, seed=run.id)
-        await run_step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s)
+        await run_step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun]:
         """Imagined dialogues of the task plus real ones rewarded since the last run, as JSONL for the trainer."""
@@ -335,7 +335,7 @@ class ImprovementLoop:
             base_model=s.base_model,
             init_from=init_from,
         )
-        await run_step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s)
+        await run_step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
@@ -353,7 +353,9 @@ class ImprovementLoop:
             out=out,
             base_model=s.base_model,
         )
-        await run_step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s)
+        await run_step(
+            "evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env()
+        )
         candidate_success, active_success = _success_rates(out / "report.json")[:2]
         return candidate_success, active_success
 

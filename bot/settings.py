@@ -117,6 +117,23 @@ class Settings(BaseSettings):
         """Directory for trained policy checkpoints."""
         return self.data_dir / "policies"
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables, for child processes (secrets included: never log this)."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[name.upper()] = str(value)
+        env["DATABASE_URL"] = self.resolved_database_url
+        return env
+
     def is_admin(self, platform: str, user_id: str | int) -> bool:
         """Whether ``platform:user_id`` is a configured admin."""
         return f"{platform}:{user_id}" in self.admin_ids

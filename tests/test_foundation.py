@@ -112,3 +112,15 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "0001" in result.stderr + result.stdout
     assert (tmp_path / "reverie.db").is_file()
+
+
+def test_settings_round_trip_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(
+        _env_file=None, telegram_token="1:x", admin_ids=["telegram:1", "console:me"], beta=2.5, improve_enabled=False
+    )
+    for key, value in original.as_env().items():
+        monkeypatch.setenv(key, value)
+    again = Settings(_env_file=None)
+    assert again.model_dump(exclude={"database_url"}) == original.model_dump(exclude={"database_url"})
+    assert again.resolved_database_url == original.resolved_database_url  # children use the same database
+    assert again.telegram_token.get_secret_value() == "1:x"
