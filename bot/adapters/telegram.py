@@ -42,7 +42,7 @@ from telegram import (
     User,
 )
 from telegram.constants import ChatAction, ChatType, MessageLimit
-from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -497,7 +497,8 @@ async def run_telegram(
     """Serve Telegram until ``stop`` is set, then stop cleanly (handlers in flight finish first).
 
     Runs on the caller's event loop next to other platforms. If Telegram cannot be reached at start it retries
-    every ``retry_delay_s`` (doubling up to a minute); a rejected token is logged and ends this adapter only.
+    after ``retry_delay_s`` (doubling up to a minute, or as long as flood control asks); a rejected token is
+    logged and ends this adapter only, never the other platforms.
     """
     if settings.telegram_token is None:
         logger.info("Telegram is off: TELEGRAM_TOKEN is not set")
@@ -515,11 +516,20 @@ async def run_telegram(
             except InvalidToken:
                 logger.error("Telegram rejected the bot token; the Telegram adapter is off")
                 return
-            except NetworkError as error:
-                logger.warning("Telegram unreachable (%s); retrying in %.0f s", redactor.redact(str(error)), delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 60.0)
+            except TelegramError as error:  # unreachable, 5xx, flood control: none of them is final
+                wait = _retry_after_s(error) or delay
+                logger.warning("Telegram not ready (%s); retrying in %.1f s", redactor.redact(str(error)), wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+                delay = min(delay * 2, 60.0)
+
+
+def _retry_after_s(error: TelegramError) -> float | None:
+    """Seconds Telegram asked us to wait (flood control), if it did."""
+    if isinstance(error, RetryAfter):
+        retry_after = error.retry_after
+        return retry_after.total_seconds() if hasattr(retry_after, "total_seconds") else float(retry_after)
+    return None
 
 
 async def _serve(
