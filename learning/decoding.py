@@ -70,13 +70,15 @@ def decode(
     lm = causal_lm(model)
     embedding = lm.get_output_embeddings().weight
     head_bias = getattr(lm.get_output_embeddings(), "bias", None)
+    device = embedding.device
     ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     tokens: list[list[int]] = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool)
-    captured = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    captured = torch.zeros(batch, dtype=torch.bool, device=device)
     state_hidden = end_hidden = None
     use_values = heads is not None and config.beta != 0.0
     step_input, step_positions = ids, positions
@@ -125,7 +127,7 @@ def decode(
         finished = finished | (next_tokens == end_id)
         step_input = next_tokens.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=-1)
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=-1)
     return Decoded(tokens=tokens, state_hidden=state_hidden, end_hidden=end_hidden)
 
 
@@ -152,7 +154,7 @@ def rerank_utterances(
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     with autocast(config.bf16):
         scores = utterance_scores(heads, decoded.state_hidden, decoded.end_hidden).float()
-    empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens])
+    empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens], device=scores.device)
     scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)
     best = scores.argmax(-1)
     chosen = [decoded.tokens[row * k + int(best[row])] for row in range(len(prompts))]

@@ -69,6 +69,9 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
+        #: how many batched calls and single requests have been served (for logs and tests)
+        self.batches_served = 0
+        self.requests_served = 0
 
     async def submit(self, history: History) -> str:
         """Queue one history and await its reply."""
@@ -100,6 +103,8 @@ class MicroBatcher:
                     self._queue.put(None)
             except queue.Empty:
                 pass
+            self.batches_served += 1
+            self.requests_served += len(batch)
             try:
                 replies = self._batch_fn([r.history for r in batch])
                 outcomes: list[tuple[str | None, BaseException | None]] = [(text, None) for text in replies]
@@ -156,7 +161,7 @@ class LearnedPolicy:
         self._end_id = end_of_turn_id(tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._end_id
         self._model_lock = threading.Lock()
-        self._batcher = MicroBatcher(self.respond_batch, window_ms=batch_window_ms, max_batch=max_batch)
+        self.batcher = MicroBatcher(self.respond_batch, window_ms=batch_window_ms, max_batch=max_batch)
         self._closed = False
 
     # --- prompts -------------------------------------------------------------------------------------------
@@ -212,17 +217,18 @@ class LearnedPolicy:
         """One reply; concurrent calls share one batched generate in the worker thread."""
         if self._closed:
             raise RuntimeError(f"policy {self.name} is closed")
-        return await self._batcher.submit(history)
+        return await self.batcher.submit(history)
 
     def close(self) -> None:
         """Stop the batching worker and drop the model; further calls raise ``RuntimeError``."""
         if self._closed:
             return
         self._closed = True
-        self._batcher.close()
+        self.batcher.close()
 
     def _to_text(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = "".join(ch for ch in text if ch.isprintable() or ch == "\n").strip()
         return text or FALLBACK_REPLY
 
 

@@ -94,7 +94,8 @@ class TrainConfig:
     thumbs_weight: float = 0.25
     fbc_min_reward: float = 1.0
     seed: int = 0
-    bf16: bool = True  # bf16 autocast (CPU: ~6× faster matmuls than fp32 on this machine)
+    bf16: bool = True  # bf16 autocast for the trunk (CPU: ~6× faster matmuls than fp32 on this machine)
+    value_bf16: bool | None = None  # None: bf16 for token level (|V|-wide CQL), fp32 for the small utterance heads
     checkpoint_every: int = 100
     time_limit_minutes: float | None = None
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
@@ -481,6 +482,8 @@ def train(
                 rate = tokens / max(time.monotonic() - started, 1e-9)
                 metrics.update({f"policy_{k}": v for k, v in terms.items()}, policy_tokens_per_s=rate)
                 bar.update(task_id, advance=1, terms=_format_terms(terms, rate))
+                if state["step"] % 25 == 0:
+                    logger.info("policy step %d/%d %s", state["step"], config.steps, _format_terms(terms, rate))
                 if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
                     state["metrics"] = metrics
                     periodic_save()
@@ -509,7 +512,7 @@ def train(
             started, seen = time.monotonic(), 0
             while state["value_step"] < config.value_steps:
                 rows = torch.multinomial(table.weights, config.value_batch_size, replacement=True, generator=generator)
-                with autocast(config.bf16):
+                with autocast(config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token"):
                     result = value_step_loss(heads, table, rows, embedding, returns)
                 result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(heads.trainable_parameters(), 1.0)
@@ -521,6 +524,10 @@ def train(
                 rate = seen / max(time.monotonic() - started, 1e-9)
                 metrics.update({f"value_{k}": v for k, v in result.terms.items()}, value_transitions_per_s=rate)
                 bar.update(task_id, advance=1, terms=_format_terms(result.terms))
+                if state["value_step"] % 250 == 0:
+                    logger.info(
+                        "value step %d/%d %s", state["value_step"], config.value_steps, _format_terms(result.terms)
+                    )
                 if state["value_step"] % max(config.checkpoint_every * 5, 1) == 0:
                     state["metrics"] = metrics
                     periodic_save()
