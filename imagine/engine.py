@@ -76,7 +76,7 @@ class ImagineConfig:
     #: Stop early when this many backend errors happened and nothing was accepted (a dead server).
     max_errors_before_first_success: int = 10
     dialogue_max_tokens: int = 800
-    turn_max_tokens: int = 48
+    turn_max_tokens: int = 40
     turn_retries: int = 2
     personas_per_request: int = 8
 
@@ -361,7 +361,7 @@ class ImaginationEngine:
         room = max(0, self.task.max_turns - 2)  # opening line and the act take two agent turns
         act = self.task.act_instruction or f"Now act on what you learned: {self.task.agent_goal}"
         if reward:
-            questions = rng.randint(min(2, room, len(dims)), min(room, len(dims), 4))
+            questions = rng.randint(min(2, room, len(dims)), min(room, len(dims), 3))
         else:
             questions = rng.randint(0, min(1, room))
             act = f"{act} Do not ask anything more; just guess."

@@ -93,8 +93,10 @@ def personas_from_llm_reply(text: str) -> list[Persona]:
 class PersonaPool:
     """Hands out distinct personas: from an LLM in batches when ``ask_llm`` is given, else from the hints.
 
-    When the LLM fails or repeats itself the pool falls back to sampling (counted in ``fallbacks``);
-    when even sampling finds nothing new (the hint space is small) it repeats a persona (``repeats``).
+    Refills run concurrently, as many as the callers waiting need (one request brings ``batch_size``), so
+    a run with many dialogues in flight never queues behind one persona request. When the LLM fails or
+    repeats itself the pool falls back to sampling (counted in ``fallbacks``); when even sampling finds
+    nothing new (the hint space is small) it repeats a persona (``repeats``).
     """
 
     def __init__(
@@ -115,35 +117,58 @@ class PersonaPool:
         self.llm_errors = 0
         self._rng = random.Random(f"personas:{seed}")
         self._ready: list[Persona] = []
-        self._lock = asyncio.Lock()
         self._descriptions: list[str] = []
+        self._changed = asyncio.Condition()
+        self._waiting = 0
+        self._refills = 0
+        self._finished = 0
+        self._last_refill_added = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def next(self) -> Persona:
         """A persona not handed out before (as far as the space allows)."""
-        async with self._lock:  # one refill at a time; the rest wait and take from it
-            if not self._ready and self.ask_llm is not None:
-                await self._refill_from_llm()
-            if self._ready:
-                return self._ready.pop(0)
+        if self.ask_llm is None:
             return self._sample_new()
+        async with self._changed:
+            self._waiting += 1
+            try:
+                while not self._ready:
+                    if self._refills * self.batch_size < self._waiting:
+                        self._refills += 1
+                        task = asyncio.create_task(self._refill())
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    finished = self._finished
+                    await self._changed.wait_for(lambda seen=finished: bool(self._ready) or self._finished != seen)
+                    if not self._ready and not self._last_refill_added:
+                        self.fallbacks += 1  # the LLM gave nothing new: don't wait on it again for this one
+                        return self._sample_new()
+                return self._ready.pop(0)
+            finally:
+                self._waiting -= 1
 
-    async def _refill_from_llm(self) -> None:
+    async def _refill(self) -> None:
         try:
-            reply = await self.ask_llm(self.batch_size, self._descriptions)  # type: ignore[misc]
+            reply = await self.ask_llm(self.batch_size, list(self._descriptions))  # type: ignore[misc]
             candidates = personas_from_llm_reply(reply)
-        except Exception:  # a bad or failed reply: sample from the hints instead
+        except Exception:  # a failed or unparsable reply: callers fall back to sampling from the hints
             self.llm_errors += 1
-            return
-        for persona in candidates:
-            key = persona_key(persona)
-            if key and key not in self.seen:
-                self.seen.add(key)
-                self._ready.append(persona)
-                self._descriptions.append(persona.get("description") or key)
+            candidates = []
+        async with self._changed:
+            added = 0
+            for persona in candidates:
+                key = persona_key(persona)
+                if key and key not in self.seen:
+                    self.seen.add(key)
+                    self._ready.append(persona)
+                    self._descriptions.append(persona.get("description") or key)
+                    added += 1
+            self._last_refill_added = added
+            self._refills -= 1
+            self._finished += 1
+            self._changed.notify_all()
 
     def _sample_new(self) -> Persona:
-        if self.ask_llm is not None:
-            self.fallbacks += 1
         persona = sample_persona(self.task, self._rng)
         for _ in range(50):
             key = persona_key(persona)

@@ -24,7 +24,9 @@ console = Console(stderr=True)
 BACKENDS = ("openai", "local", "scripted")
 
 
-def build_backend(settings: Settings, kind: str, *, concurrency: int, seed: int) -> ChatBackend:
+def build_backend(
+    settings: Settings, kind: str, *, concurrency: int, seed: int, threads: int | None = None
+) -> ChatBackend:
     """The configured LLM backend: an OpenAI-compatible server, or the base model on this machine."""
     if kind == "openai":
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
@@ -48,6 +50,7 @@ def build_backend(settings: Settings, kind: str, *, concurrency: int, seed: int)
             model_name=loaded.model_id,
             max_batch=concurrency,
             seed=seed,
+            num_threads=threads,
         )
     raise BackendError(f"unknown backend {kind!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -64,12 +67,13 @@ async def imagine_dialogues(
     seed: int = 0,
     run_id: str | None = None,
     on_event: Any = None,
+    threads: int | None = None,
 ) -> ImagineReport:
     """Imagine until ``run_id`` has ``n`` dialogues of ``task`` in ``store``; the improvement loop calls this too."""
     if backend == "scripted":
         return await _scripted(store, task, n, seed=seed, run_id=run_id or f"{task.name}-scripted-seed{seed}")
     concurrency = concurrency or (settings.openai_concurrency if backend == "openai" else 16)
-    chat = build_backend(settings, backend, concurrency=concurrency, seed=seed)
+    chat = build_backend(settings, backend, concurrency=concurrency, seed=seed, threads=threads)
     try:
         config = ImagineConfig(critique=critique, concurrency=concurrency, seed=seed, run_id=run_id)
         engine = ImaginationEngine(task, chat, store=store, config=config)
@@ -155,6 +159,9 @@ def register(app: typer.Typer) -> None:
         run_id: str = typer.Option(
             None, "--run-id", help="Resume this run: dialogues it already stored count towards --n."
         ),
+        threads: int = typer.Option(
+            None, "--threads", min=1, help="CPU threads for the local model (default: torch's choice)."
+        ),
     ) -> None:
         """Imagine goal-directed dialogues (personas → reward-conditioned dialogue → critique) into the database."""
         settings = Settings()
@@ -172,7 +179,7 @@ def register(app: typer.Typer) -> None:
             # An explicit seed names the run, so the same command resumes; otherwise every run is fresh.
             run_id = f"{spec.name}-seed{seed}" if seed is not None else f"{spec.name}-{time.strftime('%Y%m%dT%H%M%S')}"
         seed = seed if seed is not None else random.randrange(2**31)
-        report = asyncio.run(_run(settings, spec, n, kind, not no_critique, concurrency, seed, run_id))
+        report = asyncio.run(_run(settings, spec, n, kind, not no_critique, concurrency, seed, run_id, threads))
         console.print(_summary(report, kind))
         if report.stopped_early:
             console.print(f"[yellow]stopped early: {report.stopped_early}[/yellow]")
@@ -192,6 +199,7 @@ async def _run(
     concurrency: int | None,
     seed: int,
     run_id: str,
+    threads: int | None,
 ) -> ImagineReport:
     rejects: Counter[str] = Counter()
     columns = (
@@ -234,6 +242,7 @@ async def _run(
                     seed=seed,
                     run_id=run_id,
                     on_event=on_event,
+                    threads=threads,
                 )
             except BackendError as error:
                 console.print(f"[red]{error}[/red]")

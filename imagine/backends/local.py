@@ -60,7 +60,12 @@ class LocalBackend:
         bf16_autocast: bool = False,
         device: str = "cpu",
         seed: int = 0,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads is not None:
+            # Process-wide. On a CPU shared with other jobs one thread can be several times faster than
+            # two, whose OpenMP workers spin waiting for each other (measured: 8x on an oversubscribed box).
+            torch.set_num_threads(num_threads)
         if isinstance(model, tuple):
             self._model, self._tokenizer = model
             self.model = model_name or str(getattr(self._model.config, "name_or_path", "") or "in-memory")
