@@ -83,13 +83,13 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[min(998, max(0, round(q * 1000) - 1))]
 
 
-def load_policy_for(name: str, model_cache_dir: Path | None):
+def load_policy_for(name: str, model_cache_dir: Path | None, max_new_tokens: int):
     """The prompted base policy on ``tiny`` (random) or ``smollm2`` (bundled)."""
     from imagine.task import load_task
     from learning.policy import load_policy
 
     kwargs = {"cache_dir": model_cache_dir} if model_cache_dir is not None and name != "tiny" else {}
-    return load_policy("base", task=load_task("travel"), base_model=name, **kwargs)
+    return load_policy("base", task=load_task("travel"), base_model=name, max_new_tokens=max_new_tokens, **kwargs)
 
 
 async def run_load(policy_name: str, policy, chats: int, messages: int, progress: Progress) -> LoadResult:
@@ -186,12 +186,13 @@ def rich_table(results: list[LoadResult]) -> Table:
     return table
 
 
-def markdown(results: list[LoadResult], command: str, threads: int) -> str:
+def markdown(results: list[LoadResult], command: str, args: argparse.Namespace) -> str:
     """A markdown table with the reproducing command and the machine."""
     lines = [
         f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{command}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {threads}, load average "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {args.threads}, "
+        f"max {args.max_new_tokens} new tokens, load average "
         f"{os.getloadavg()[0]:.1f} at the end (CPU shared with other work, so latencies are indicative). "
         "Latency: user message injected into the fake Bot API → reply received by it (PTB polling, AIORateLimiter, "
         "DialogueService, SQLite, policy).",
@@ -242,7 +243,7 @@ async def main_async(args: argparse.Namespace) -> list[LoadResult]:
     )
     with Progress(*columns, console=console) as progress:
         for policy_name in args.policies:
-            policy = load_policy_for(policy_name, args.model_cache_dir)
+            policy = load_policy_for(policy_name, args.model_cache_dir, args.max_new_tokens)
             try:
                 for chats in args.chats:
                     result = await run_load(policy_name, policy, chats, args.messages, progress)
@@ -263,6 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny policy only")
     parser.add_argument("--chats", default="1,8,32", help="comma-separated numbers of concurrent chats")
     parser.add_argument("--messages", type=int, default=3, help="messages per chat (each waits for its reply)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="reply length limit (the bot's default: 96)")
     parser.add_argument("--policies", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "reverie" / "models")
     parser.add_argument(
@@ -283,12 +285,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    # Policy timeouts are counted as apologies; their tracebacks would bury the table.
+    for noisy in ("bot.service", "learning.policy"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     results = asyncio.run(main_async(args))
     command = "python bench/bot_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if not args.no_write:
-        append_to_benchmarks(args.benchmarks, markdown(results, command.strip(), args.threads))
+        append_to_benchmarks(args.benchmarks, markdown(results, command.strip(), args))
     return 0 if all(r.lost == 0 and r.turns_logged == r.messages for r in results) else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A policy's batcher thread may still be generating replies the service gave up on (timeouts); torch aborts
+    # the interpreter if it is torn down under a running native thread, so leave without tearing down.
+    os._exit(status)
