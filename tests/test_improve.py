@@ -1,0 +1,289 @@
+"""The improvement loop: a real run end to end, and its faults (killed trainer, corrupt candidate, worse
+candidate, a busy database, a swap under load, shutdown while training).
+
+Steps run as real child processes (``reverie imagine|train|eval``) on the tiny model with scripted users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.events import ChatRef
+from bot.improve import ImprovementLoop, gate
+from bot.policy_holder import PolicyHolder
+from bot.service import DialogueService
+from bot.settings import Settings
+from imagine.simulated.behaviour import generate_and_save, generate_scripted_dialogues
+from imagine.task import load_task
+from learning.interface import Policy
+from learning.policy import load_policy
+from storage import Database, PolicyStatus, RunStatus, Store
+
+TASK = load_task("travel")
+
+
+def improve_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Small, fast improvement runs on the tiny model."""
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "base_model": "tiny",
+        "imagine_backend": "scripted",
+        "improve_imagined": 0,
+        "improve_steps": 4,
+        "improve_value_steps": 10,
+        "improve_eval_episodes": 4,
+        "improve_margin": 1.0,  # promote unless worse by more than 100 points: these tests are about mechanics
+        "improve_on_first_start": False,
+        "max_new_tokens": 8,
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def tiny_loader(source: str, version_id: int | None) -> Policy:
+    return load_policy(source, task=TASK, base_model="tiny", version_id=version_id, max_new_tokens=8)
+
+
+@pytest.fixture
+async def improve_store(tmp_path: Path) -> AsyncIterator[Store]:
+    database = Database(f"sqlite:///{tmp_path / 'reverie.db'}")
+    await database.create_schema()
+    store = Store(database)
+    await generate_and_save(store, "travel", 24, seed=0)
+    yield store
+    await database.dispose()
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, few-step) BC checkpoint, trained in-process once for the tests that need one."""
+    from learning.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "bc"
+    config = TrainConfig(algorithm="bc", task="travel", base_model="tiny", steps=3, batch_size=4)
+    return train(config, generate_scripted_dialogues("travel", 16, seed=1), out_dir=out, progress=False)
+
+
+def _processes_with(fragment: str) -> list[int]:
+    """PIDs whose command line contains ``fragment`` (the trainer of one run)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if fragment in cmdline and "bot.cli" in cmdline and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+    return found
+
+
+async def _wait_for_trainer(run_dir_fragment: str, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = _processes_with(run_dir_fragment)
+        if pids:
+            return pids[0]
+        await asyncio.sleep(0.2)
+    raise AssertionError("the trainer never started")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def _turns_of(store: Store, chat: ChatRef) -> list:
+    """The turns of the (single) conversation of ``chat``'s user."""
+    from sqlmodel import select
+
+    from storage import Conversation
+
+    async with store.database.session() as session:
+        conversation = (await session.exec(select(Conversation).where(Conversation.user_key == chat.user_key))).one()
+    return await store.get_turns(conversation.id)
+
+
+def test_gate_promotes_unless_worse_by_more_than_the_margin() -> None:
+    assert gate(0.50, 0.50, 0.0).promote
+    assert gate(0.49, 0.50, 0.02).promote
+    assert not gate(0.47, 0.50, 0.02).promote
+    assert "rejected" in gate(0.1, 0.5, 0.0).reason and "promoted" in gate(0.6, 0.5, 0.0).reason
+
+
+async def test_killed_trainer_fails_the_run_and_the_active_policy_keeps_serving(
+    improve_store: Store, tmp_path: Path
+) -> None:
+    settings = improve_settings(tmp_path, improve_steps=100_000)
+    base = tiny_loader("base", None)
+    holder = PolicyHolder(base)
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
+    run_task = asyncio.create_task(loop.run_once(trigger="test"))
+    trainer = await _wait_for_trainer(str(tmp_path / "runs" / "run-1" / "candidate"))
+    await asyncio.sleep(2)  # let it write something
+    os.kill(trainer, signal.SIGKILL)
+    run = await asyncio.wait_for(run_task, 60)
+    assert run.status == RunStatus.FAILED and "exit -9" in run.error
+    assert not (tmp_path / "runs" / "run-1" / "candidate").exists()
+    assert holder.active is base and await improve_store.active_policy_version() is None
+    assert await improve_store.list_policy_versions() == []
+    holder.close()
+
+
+async def test_shutdown_while_training_cancels_the_run_and_ends_the_trainer(
+    improve_store: Store, tmp_path: Path
+) -> None:
+    settings = improve_settings(tmp_path, improve_steps=100_000)
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK)
+    message = await loop.request_run(trigger="admin", requested_by="telegram:1")
+    assert "started" in message
+    assert "already" in await loop.request_run(trigger="admin", requested_by="telegram:1")
+    trainer = await _wait_for_trainer(str(tmp_path / "runs" / "run-1" / "candidate"))
+    await loop.shutdown()
+    run = await improve_store.last_training_run()
+    assert run.status == RunStatus.CANCELLED and run.finished_at is not None
+    for _ in range(100):
+        if not _alive(trainer):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive(trainer)
+    assert not (tmp_path / "runs" / "run-1" / "candidate").exists()
+
+
+async def test_corrupt_candidate_is_rejected_by_hash(improve_store: Store, tmp_path: Path) -> None:
+    settings = improve_settings(tmp_path)
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK)
+    candidate = tmp_path / "runs" / "run-1" / "candidate"
+
+    def corrupt(step: str) -> None:
+        if step == "evaluate":  # the trainer has finished: damage one weight file
+            weights = sorted(candidate.glob("*.safetensors"))[0]
+            weights.write_bytes(weights.read_bytes()[:-16] + b"\0" * 16)
+
+    loop.on_step = corrupt
+    run = await loop.run_once(trigger="test")
+    assert run.status == RunStatus.FAILED
+    assert "sha256" in run.error.lower() or "hash" in run.error.lower()
+    assert not candidate.exists() and await improve_store.list_policy_versions() == []
+
+
+async def test_worse_candidate_is_registered_but_not_promoted(
+    improve_store: Store, tmp_path: Path, trained_checkpoint: Path
+) -> None:
+    import shutil
+
+    from learning.checkpoint import verify_checkpoint
+
+    settings = improve_settings(tmp_path, improve_margin=0.02)
+    base = tiny_loader("base", None)
+    holder = PolicyHolder(base)
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
+    for number, (candidate_success, active_success) in enumerate([(0.30, 0.50), (0.55, 0.50)], start=1):
+        run = await improve_store.start_training_run(trigger="test")
+        candidate = tmp_path / f"candidate-{number}"
+        shutil.copytree(trained_checkpoint, candidate)
+        run = await loop.promote_or_reject(
+            run,
+            candidate,
+            sha256=verify_checkpoint(candidate),
+            candidate_success=candidate_success,
+            active_success=active_success,
+        )
+        if number == 1:
+            assert run.status == RunStatus.REJECTED
+            assert (await improve_store.get_policy_version(run.candidate_version_id)).status == PolicyStatus.REJECTED
+            assert holder.active is base and await improve_store.active_policy_version() is None
+        else:
+            assert run.status == RunStatus.SUCCEEDED
+            assert holder.version_id == run.candidate_version_id
+            assert (await improve_store.active_policy_version()).id == run.candidate_version_id
+    # Rolling back goes to the base model (nothing was active before), and the rolled-back version stays out.
+    assert "base model" in await loop.rollback(requested_by="test")
+    assert holder.version_id is None and await improve_store.active_policy_version() is None
+    holder.close()
+
+
+async def test_swap_while_sixteen_chats_are_in_flight(
+    improve_store: Store, tmp_path: Path, trained_checkpoint: Path
+) -> None:
+    from learning.checkpoint import verify_checkpoint
+
+    settings = improve_settings(tmp_path)
+    holder = PolicyHolder(tiny_loader("base", None))
+    service = DialogueService(store=improve_store, policies=holder, task=TASK, settings=settings)
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
+    version = await improve_store.register_policy_version(
+        path=str(trained_checkpoint),
+        sha256=verify_checkpoint(trained_checkpoint),
+        base_model="tiny",
+        algorithm="bc",
+    )
+    await improve_store.activate_policy_version(version.id)  # as `reverie policies activate` would
+    chats = [ChatRef(platform="telegram", chat_id=str(i), user_id=str(i)) for i in range(16)]
+
+    async def chat(ref: ChatRef) -> list[str]:
+        texts = []
+        for text in ("I like food", "tight budget"):
+            texts += [reply.text for reply in await service.handle_message(ref, text)]
+        return texts
+
+    conversations = asyncio.gather(*(chat(ref) for ref in chats))
+    await asyncio.sleep(0.05)
+    assert await loop.sync_active()  # the swap lands while the chats are in flight
+    replies = await conversations
+    assert all(len(texts) >= 2 and all(t.strip() for t in texts) for texts in replies)
+    served = []
+    for ref in chats:
+        turns = await _turns_of(improve_store, ref)
+        assert [t.role for t in turns] == ["agent", "user", "agent", "user", "agent"]
+        served += [t.policy_version_id for t in turns if t.role == "agent" and t.index > 0]
+    assert set(served) <= {None, version.id} and len(served) == 32
+    # Later turns are all served by the new version.
+    after = await service.handle_message(chats[0], "see you")
+    assert after and (await _turns_of(improve_store, chats[0]))[-1].policy_version_id == version.id
+    await service.shutdown()
+    holder.close()
+
+
+async def test_busy_database_during_a_run_is_retried(improve_store: Store, tmp_path: Path) -> None:
+    """A full run (train → evaluate → gate) while another process holds the database's write lock for a while."""
+    settings = improve_settings(tmp_path)
+    holder = PolicyHolder(tiny_loader("base", None))
+    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
+    released = threading.Event()
+
+    def hold_write_lock(seconds: float) -> None:
+        connection = sqlite3.connect(tmp_path / "reverie.db", timeout=30)
+        connection.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        connection.commit()
+        connection.close()
+        released.set()
+
+    def on_step(step: str) -> None:
+        if step == "gate":  # the run's own writes (register, activate, finish) must wait and retry
+            threading.Thread(target=hold_write_lock, args=(1.5,), daemon=True).start()
+            time.sleep(0.2)
+
+    loop.on_step = on_step
+    run = await loop.run_once(trigger="test")
+    assert released.is_set()
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert run.n_imagined == 24 and run.n_real == 0
+    active = await improve_store.active_policy_version()
+    assert active.id == run.candidate_version_id and holder.version_id == active.id
+    assert Path(active.path).is_dir() and (tmp_path / "runs" / "run-1" / "evaluation" / "report.md").is_file()
+    holder.close()
