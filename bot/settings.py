@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     improve_on_first_start: bool = True
     improve_imagined: int = Field(default=200, ge=0, description="Fresh imagined dialogues per run.")
     improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
-    improve_algo: Literal["ilql", "bc", "fbc", "ilql-utterance"] = "ilql"
+    improve_algo: Literal["ilql", "ilql-token", "ilql-utterance", "bc", "fbc"] = "ilql"
     improve_steps: int = Field(default=300, ge=1)
     improve_value_steps: int | None = Field(default=None, ge=0, description="ILQL value-stage steps.")
     improve_time_limit_minutes: float = Field(default=120.0, gt=0)
