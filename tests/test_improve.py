@@ -258,11 +258,17 @@ async def test_swap_while_sixteen_chats_are_in_flight(
     holder.close()
 
 
-async def test_busy_database_during_a_run_is_retried(improve_store: Store, tmp_path: Path) -> None:
-    """A full run (train → evaluate → gate) while another process holds the database's write lock for a while."""
-    settings = improve_settings(tmp_path)
-    holder = PolicyHolder(tiny_loader("base", None))
-    loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
+async def test_rated_telegram_conversation_trains_a_policy_that_serves_the_next_reply(tmp_path: Path) -> None:
+    """Issue acceptance, without restarting the bot: a Telegram conversation is logged and rated; an admin's
+    /retrain imagines fresh dialogues, trains on them plus that real dialogue, evaluates, promotes and hot-swaps;
+    the next reply is served by the new version. Meanwhile another process holds the database's write lock for
+    a while, so the run's own writes must wait and retry."""
+    from bot.adapters.telegram import run_telegram
+    from bot.improve import make_improvement_hook
+    from bot.server import open_runtime
+    from tests.fakes.telegram_api import FakeTelegramServer
+
+    admin, alice = 4242, 1001
     released = threading.Event()
 
     def hold_write_lock(seconds: float) -> None:
@@ -273,17 +279,67 @@ async def test_busy_database_during_a_run_is_retried(improve_store: Store, tmp_p
         connection.close()
         released.set()
 
-    def on_step(step: str) -> None:
-        if step == "gate":  # the run's own writes (register, activate, finish) must wait and retry
-            threading.Thread(target=hold_write_lock, args=(1.5,), daemon=True).start()
-            time.sleep(0.2)
+    async with FakeTelegramServer() as server:
+        settings = improve_settings(
+            tmp_path,
+            improve_imagined=16,
+            telegram_token=server.token,
+            telegram_base_url=server.base_url,
+            admin_ids=[f"telegram:{admin}"],
+        )
+        async with open_runtime(settings, improver_hook=make_improvement_hook(sync_interval_s=3600)) as runtime:
+            loop = runtime.service.improver
+            assert isinstance(loop, ImprovementLoop)
 
-    loop.on_step = on_step
-    run = await loop.run_once(trigger="test")
-    assert released.is_set()
-    assert run.status == RunStatus.SUCCEEDED, run.error
-    assert run.n_imagined == 24 and run.n_real == 0
-    active = await improve_store.active_policy_version()
-    assert active.id == run.candidate_version_id and holder.version_id == active.id
-    assert Path(active.path).is_dir() and (tmp_path / "runs" / "run-1" / "evaluation" / "report.md").is_file()
-    holder.close()
+            def on_step(step: str) -> None:
+                if step == "gate":
+                    threading.Thread(target=hold_write_lock, args=(1.5,), daemon=True).start()
+                    time.sleep(0.2)
+
+            loop.on_step = on_step
+            stop = asyncio.Event()
+            polling = asyncio.create_task(run_telegram(runtime.service, settings, stop))
+            try:
+                await server.wait_for_call("getUpdates", timeout=60)
+                await server.send_command(alice, alice, "start")
+                await server.next_message(alice)
+                await server.send_text(alice, alice, "I love food")
+                await server.next_message(alice)
+                await server.send_command(alice, alice, "end", "good")
+                await server.next_message(alice)
+                store = runtime.store
+                [real] = await store.dialogues_for_training(sources=["real"])
+                assert real.reward == 1.0 and [t.role for t in real.turns] == ["agent", "user", "agent"]
+
+                await server.send_command(alice, alice, "retrain")
+                assert "admin" in (await server.next_message(alice))["text"].lower()  # refused: not an admin
+                await server.send_command(admin, admin, "retrain")
+                assert "started" in (await server.next_message(admin))["text"]
+                run = await asyncio.wait_for(loop.wait(), 900)
+                assert run is not None and run.status == RunStatus.SUCCEEDED, run and run.error
+                assert released.is_set()
+                assert (run.n_imagined, run.n_real) == (16, 1)
+                assert runtime.policies.version_id == run.candidate_version_id
+
+                await server.send_text(alice, alice, "Hello again")
+                await server.next_message(alice)
+                turns = await _turns_of_latest(store, f"telegram:{alice}")
+                assert turns[-1].role == "agent" and turns[-1].policy_version_id == run.candidate_version_id
+
+                await server.send_command(admin, admin, "status")
+                status = (await server.next_message(admin))["text"]
+                assert f"version {run.candidate_version_id}" in status and f"#{run.id}" in status
+            finally:
+                stop.set()
+                await asyncio.wait_for(polling, 60)
+
+
+async def _turns_of_latest(store: Store, user_key: str) -> list:
+    from sqlmodel import col, select
+
+    from storage import Conversation
+
+    async with store.database.session() as session:
+        query = select(Conversation).where(Conversation.user_key == user_key).order_by(col(Conversation.id).desc())
+        conversation = (await session.exec(query)).first()
+    return await store.get_turns(conversation.id)
