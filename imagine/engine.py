@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from imagine.parsing import (
     ParsedDialogue,
     extract_json,
     fingerprint,
-    normalise_label,
     parse_dialogue,
     single_turn,
 )
@@ -59,6 +59,17 @@ _NEGATIVE = (
     "no thanks", "hate", "wrong", "not what", "doesn't fit", "does not fit", "too expensive", "not interested",
     "don't understand", "lost me", "not sure", "unfortunately", "i'm not", "too much", "doesn't help",
 )  # fmt: skip
+
+
+# Whole words only: 'whatever' must not count as 'hate'.
+_POSITIVE_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in _POSITIVE) + r")", re.IGNORECASE)
+_NEGATIVE_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in _NEGATIVE) + r")", re.IGNORECASE)
+# A small model asked to play the user often slips back into being the helpful assistant.
+_ASSISTANT_SPEAK = re.compile(
+    r"\b(?:how can i (?:help|assist)|happy to help|i can help you|let me help|assist you|welcome to my|"
+    r"as an ai|i'd be happy to|your travel agent|i'm your)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -392,29 +403,39 @@ class ImaginationEngine:
         for attempt in range(tries):
             raw = await self.backend.complete(messages, max_tokens=self.config.turn_max_tokens, temperature=0.8)
             text = single_turn(raw, labels=self._labels)
-            problem = self._turn_problem(text, turns, reward) if self.config.critique else ("" if text else "empty")
+            if self.config.critique:
+                problem = self._turn_problem(role, text, turns, reward)
+            else:
+                problem = "" if text else "empty_turn"
             if not problem:
                 if attempt:
                     repairs.append(f"regenerated_{role}_turn")
                 return role, text
         raise DialogueParseError(problem, f"{role} turn {len(turns)}")
 
-    def _turn_problem(self, text: str, turns: list[tuple[str, str]], reward: int | None) -> str:
+    def _turn_problem(self, role: str, text: str, turns: list[tuple[str, str]], reward: int | None) -> str:
         if len(text) < 2:
             return "empty_turn"
-        normalized = normalise_label(text)
-        if any(normalise_label(previous) == normalized for _, previous in turns):
+        if role == USER and _ASSISTANT_SPEAK.search(text):
+            return "role_confusion"
+        normalized = _comparable(text)
+        if any(_comparable(previous) == normalized for _, previous in turns):
             return "repeated_turn"
         if reward is not None and not _sentiment_matches(text, reward):
             return "sentiment_mismatch"
         return ""
 
 
+def _comparable(text: str) -> str:
+    """Lower case words and numbers only: two turns that say the same thing compare equal."""
+    return " ".join(re.sub(r"[^\w ]", " ", text.lower()).split())
+
+
 def _sentiment_matches(text: str, reward: int) -> bool:
     """Whether a final user turn sounds pleased (reward 1) or not (reward 0), by a small lexicon."""
     lowered = text.lower().replace("’", "'")
-    positive = any(word in lowered for word in _POSITIVE)
-    negative = any(word in lowered for word in _NEGATIVE)
+    positive = _POSITIVE_RE.search(lowered) is not None
+    negative = _NEGATIVE_RE.search(lowered) is not None
     return (positive and not negative) if reward else (negative or not positive)
 
 

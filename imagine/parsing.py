@@ -198,6 +198,11 @@ def single_turn(text: str, *, labels: tuple[str, ...] | list[str] = (), max_char
             line = match.group("text")
         kept.append(line)
     cleaned = clean_turn_text(" ".join(kept))
+    # A reply cut off by the token limit ends mid-sentence: keep the complete sentences before it.
+    if cleaned and cleaned[-1] not in '.!?…"”)':
+        end = max(cleaned.rfind(". "), cleaned.rfind("? "), cleaned.rfind("! "))
+        if end >= 10:
+            cleaned = cleaned[: end + 1]
     if len(cleaned) > max_chars:
         cut = cleaned[:max_chars]
         end = max(cut.rfind(". "), cut.rfind("? "), cut.rfind("! "))

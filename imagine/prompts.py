@@ -126,8 +126,9 @@ def user_turn_messages(
 ) -> ChatMessages:
     """The user's next turn for a small model: the roles are swapped so the model speaks as the user."""
     system = (
-        f"You are {task.user_role}. About you: {persona_summary(persona)} "
-        f"{instruction} Reply with one short sentence, as yourself, in the first person."
+        f"You are {task.user_role}, talking to {task.agent_role}. You are the customer, not the helper. "
+        f"About you: {persona_summary(persona)} {instruction} "
+        "Reply with one short sentence, as yourself, in the first person."
     )
     history = [{"role": "user" if role == "agent" else "assistant", "content": text} for role, text in turns]
     return [{"role": "system", "content": system}, *history]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,56 @@ async def test_turn_by_turn_imagination_stores_alternating_dialogues(tiny: tuple
     # A failing, short agent (reward 0) acts after at most one question; a successful one asks first.
     lengths = {r.reward: sum(t.role == "agent" for t in r.turns) for r in stored}
     assert all(n <= 3 for reward, n in lengths.items() if reward == 0.0)
+
+
+class RoleplayChat:
+    """A deterministic chat backend for turn mode: answers by the role prompt it is given, slipping sometimes."""
+
+    name = "roleplay"
+    model = "roleplay-1"
+    writes_whole_dialogues = False
+
+    def __init__(self) -> None:
+        from imagine.backends import Usage
+
+        self.usage = Usage()
+        self.calls = 0
+
+    async def complete(self, messages, *, max_tokens=256, temperature=0.8, json_mode=False) -> str:
+        self.calls += 1
+        system = messages[0]["content"]
+        if "You are the customer" in system:
+            if self.calls % 3 == 0:
+                return "Welcome to my shop! How can I help you today?"  # role confusion: must be regenerated
+            if "pleased" in system:
+                return "That sounds perfect, thank you!"
+            if "disappointed" in system:
+                return "Hmm, I would do whatever, but that is not for me."
+            return f"User: I like quiet places, answer {self.calls}.\nAgent: (the model runs on)"
+        if "Ask one short question" in system:
+            topic = re.search(r"question about the user's ([^.]+)\.", system)
+            return f"What about your {topic.group(1) if topic else 'plans'}?"
+        return f"I recommend a sunset kayak tour ({self.calls})."
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_turn_mode_follows_the_outcome_plan_and_revises_bad_turns() -> None:
+    task = load_task("travel")
+    chat = RoleplayChat()
+    report = await ImaginationEngine(task, chat, config=ImagineConfig(concurrency=4, seed=3)).run(12)
+    assert report.accepted == 12 and not report.rejected
+    for dialogue in report.dialogues:
+        roles = [role for role, _ in dialogue.turns]
+        texts = [text for _, text in dialogue.turns]
+        assert all(a != b for a, b in itertools.pairwise(roles)) and roles[-1] == "user"
+        assert not any("How can I help" in t or "Agent:" in t or "model runs on" in t for t in texts)
+        questions = sum(t.startswith("What about your") for t in texts)
+        if dialogue.reward == 1.0:
+            assert texts[-1] == "That sounds perfect, thank you!" and 2 <= questions <= 3
+        else:
+            assert "not for me" in texts[-1] and questions <= 1
+        assert texts[-2].startswith("I recommend")
+    assert any("regenerated_user_turn" in d.meta["repairs"] for d in report.dialogues)
+    assert {d.reward for d in report.dialogues} == {0.0, 1.0}
