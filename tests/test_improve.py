@@ -187,7 +187,7 @@ async def test_worse_candidate_is_registered_but_not_promoted(
 
     from learning.checkpoint import verify_checkpoint
 
-    settings = improve_settings(tmp_path, improve_margin=0.02)
+    settings = improve_settings(tmp_path, improve_margin=0.02, keep_versions=1)
     base = tiny_loader("base", None)
     holder = PolicyHolder(base)
     loop = ImprovementLoop(store=improve_store, settings=settings, task=TASK, holder=holder, load_policy=tiny_loader)
@@ -210,6 +210,9 @@ async def test_worse_candidate_is_registered_but_not_promoted(
             assert run.status == RunStatus.SUCCEEDED
             assert holder.version_id == run.candidate_version_id
             assert (await improve_store.active_policy_version()).id == run.candidate_version_id
+            # keep_versions=1: the rejected first candidate's checkpoint is pruned, the active one kept.
+            versions = {v.status: Path(v.path) for v in await improve_store.list_policy_versions()}
+            assert not versions[PolicyStatus.REJECTED].exists() and versions[PolicyStatus.ACTIVE].is_dir()
     # Rolling back goes to the base model (nothing was active before), and the rolled-back version stays out.
     assert "base model" in await loop.rollback(requested_by="test")
     assert holder.version_id is None and await improve_store.active_policy_version() is None
@@ -332,6 +335,32 @@ async def test_rated_telegram_conversation_trains_a_policy_that_serves_the_next_
             finally:
                 stop.set()
                 await asyncio.wait_for(polling, 60)
+
+
+async def test_first_start_trains_in_the_background_while_the_base_model_serves(tmp_path: Path) -> None:
+    from bot.improve import make_improvement_hook
+    from bot.server import open_runtime
+
+    settings = improve_settings(tmp_path, improve_on_first_start=True, improve_imagined=8, improve_steps=100_000)
+    async with open_runtime(settings, improver_hook=make_improvement_hook()) as runtime:
+        loop = runtime.service.improver
+        assert isinstance(loop, ImprovementLoop) and loop.running
+        assert runtime.policies.version_id is None  # the prompted base model answers at once
+        replies = await runtime.service.handle_message(ChatRef("console", "c", "u"), "hello")
+        assert replies and replies[-1].text.strip()
+        run = await runtime.store.last_training_run()
+        assert run.trigger == "first-start" and run.status == RunStatus.RUNNING
+        assert any("in progress" in line for line in await loop.status_lines())
+    # Leaving the runtime cancels the run: nothing keeps training after the server stops.
+    assert (await _reopen_last_run(settings)).status == RunStatus.CANCELLED
+
+
+async def _reopen_last_run(settings: Settings):
+    database = Database(settings.resolved_database_url)
+    try:
+        return await Store(database).last_training_run()
+    finally:
+        await database.dispose()
 
 
 async def _turns_of_latest(store: Store, user_key: str) -> list:
