@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 
 import storage
@@ -26,6 +26,7 @@ from bot.events import (
     Reply,
     decode_feedback,
 )
+from bot.inflight import InFlight
 from bot.policy_holder import PolicyHolder
 from bot.sessions import Session, SessionKey, history_window
 from bot.settings import Settings
@@ -85,9 +86,7 @@ class DialogueService:
         # Conversations left open by an earlier process, loaded once, so a restart resumes them.
         self._orphans: dict[SessionKey, list[int]] | None = None
         self._orphans_lock = asyncio.Lock()
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = InFlight()
         self._closing = False
         self._handlers: dict[str, CommandHandler] = {
             "start": self._cmd_start,
@@ -113,7 +112,7 @@ class DialogueService:
         """A user's message: log it, ask the policy, log and return the reply (opening a conversation if needed)."""
         if self._closing:
             return [self._notice(chat, SHUTTING_DOWN, error=True)]
-        with self._tracked():
+        with self._in_flight.track():
             try:
                 return await self._message(chat, text)
             except Exception:
@@ -131,7 +130,7 @@ class DialogueService:
         info = next(command for command in COMMANDS if command.name == name)
         if info.admin_only and not self.settings.is_admin(chat.platform, chat.user_id):
             return [self._notice(chat, f"/{name} is only for admins of this bot.", error=True)]
-        with self._tracked():
+        with self._in_flight.track():
             try:
                 return await handler(chat, sanitize(argument or ""))
             except Exception:
@@ -146,7 +145,7 @@ class DialogueService:
             return "That button isn't one of mine, so nothing was recorded."
         if self._closing:
             return SHUTTING_DOWN
-        with self._tracked():
+        with self._in_flight.track():
             try:
                 turn = await self.store.get_turn(turn_id)
                 if turn is None or turn.role != Role.AGENT:
@@ -189,7 +188,7 @@ class DialogueService:
     async def shutdown(self) -> None:
         """Refuse new turns and wait for those in flight; open conversations stay open to resume later."""
         self._closing = True
-        await self._idle.wait()
+        await self._in_flight.idle()
         still_open = sum(1 for session in self._sessions.values() if session.conversation_id is not None)
         logger.info("dialogue service stopped; %d open conversations stay open to resume", still_open)
 
@@ -491,18 +490,6 @@ class DialogueService:
             if self._orphans is not None and key in self._orphans:
                 self._orphans[key] = [i for i in self._orphans[key] if i != conversation.id]
         return expired
-
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
-        """Count a handler as in flight, so :meth:`shutdown` can wait for it."""
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
 
     # --- replies -------------------------------------------------------------------------------------
 

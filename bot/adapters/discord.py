@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -30,6 +30,7 @@ import discord
 from discord import app_commands
 
 from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, Reply, encode_feedback
+from bot.inflight import InFlight
 from bot.settings import Settings
 
 if TYPE_CHECKING:
@@ -256,9 +257,7 @@ class ReverieDiscordClient(discord.Client):
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_app_command_error  # type: ignore[method-assign]
         self._command_names = {info.name for info in service.commands}
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._in_flight = InFlight()
         for info in service.commands:
             self.tree.add_command(build_slash_command(info, self.answer_command), guild=self.command_guild)
 
@@ -280,25 +279,15 @@ class ReverieDiscordClient(discord.Client):
         else:
             _log.info("Discord: %d slash commands registered for %s", len(synced), where)
 
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
-        """Count an event handler as in flight, so a stop can let it finish its reply."""
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-
     async def wait_for_handlers(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) until no event is being answered."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._in_flight.idle(), timeout)
         except TimeoutError:
             _log.warning(
-                "Discord: %d event(s) still being answered after %.0f s; stopping anyway", self._in_flight, timeout
+                "Discord: %d event(s) still being answered after %.0f s; stopping anyway",
+                self._in_flight.count,
+                timeout,
             )
 
     async def on_ready(self) -> None:
@@ -321,7 +310,7 @@ class ReverieDiscordClient(discord.Client):
             return
         text = strip_mention(message.content, me.id)
         chat = chat_from_message(message)
-        with self._tracked():
+        with self._in_flight.track():
             try:
                 async with typing_in(message.channel):
                     replies = await self._replies_for_text(chat, text)
@@ -359,7 +348,7 @@ class ReverieDiscordClient(discord.Client):
     async def answer_command(self, interaction: discord.Interaction, name: str, argument: str) -> None:
         """Run ``/name argument`` through the service and answer the interaction."""
         chat = chat_from_interaction(interaction)
-        with self._tracked():
+        with self._in_flight.track():
             await self._answer(interaction, self.service.handle_command(chat, name, argument), defer_ephemeral=False)
 
     async def answer_feedback(self, interaction: discord.Interaction, data: str) -> None:
@@ -369,7 +358,7 @@ class ReverieDiscordClient(discord.Client):
         async def toast() -> list[Reply]:
             return [Reply(chunks=(await self.service.handle_feedback(chat, data),), private=True)]
 
-        with self._tracked():
+        with self._in_flight.track():
             await self._answer(interaction, toast(), defer_ephemeral=True)
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
