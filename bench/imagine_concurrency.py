@@ -50,9 +50,9 @@ async def measure(base_url: str, concurrency: int, n: int, critique: bool) -> di
     backend = make_backend("openai", base_url=base_url, model="fake", concurrency=concurrency, max_retries=0)
     config = ImagineConfig(concurrency=concurrency, critique=critique, seed=concurrency, run_id=f"bench-{concurrency}")
     engine = ImaginationEngine(load_task("travel"), backend, config=config)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     report = await engine.run(n)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     await backend.aclose()
     if report.accepted != n:
         raise SystemExit(f"concurrency {concurrency}: only {report.accepted}/{n} accepted: {dict(report.rejected)}")
@@ -62,6 +62,7 @@ async def measure(base_url: str, concurrency: int, n: int, critique: bool) -> di
         "per_minute": n / elapsed * 60,
         "requests": report.usage["requests"],
         "requests_per_s": report.usage["requests"] / elapsed,
+        "cpu_ms_per_request": cpu / report.usage["requests"] * 1000,
     }
 
 
@@ -109,11 +110,20 @@ def main() -> None:
 
     sequential = rows[0][1]["per_minute"]
     table = Table(title=f"Imagined dialogues per minute (fake server, {args.latency_ms:.0f} ms per request)")
-    for column in ("concurrency", "dialogues", "seconds", "dialogues/min", "requests/s", "speed-up"):
+    columns = (
+        "concurrency",
+        "dialogues",
+        "seconds",
+        "dialogues/min",
+        "requests/s",
+        "client CPU ms/request",
+        "speed-up",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     lines = [
-        "| concurrency | dialogues | seconds | dialogues/min | requests/s | speed-up vs 1 |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | dialogues | seconds | dialogues/min | requests/s | client CPU ms/request | speed-up vs 1 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level, r in rows:
         speedup = r["per_minute"] / sequential
@@ -123,6 +133,7 @@ def main() -> None:
             f"{r['seconds']:.2f}",
             f"{r['per_minute']:.0f}",
             f"{r['requests_per_s']:.1f}",
+            f"{r['cpu_ms_per_request']:.1f}",
             f"{speedup:.1f}x",
         )
         table.add_row(*cells)
