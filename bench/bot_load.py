@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import platform
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +224,19 @@ def append_to_benchmarks(path: Path, block: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+async def load_series(label: str, policy: object, args: argparse.Namespace, progress: Progress) -> list[LoadResult]:
+    """One measurement per number of concurrent chats."""
+    results = []
+    for chats in args.chats:
+        result = await run_load(label, policy, chats, args.messages, progress)
+        results.append(result)
+        progress.console.print(
+            f"{label} N={chats}: p50 {result.p50_s:.3f} s, p99 {result.p99_s:.3f} s, "
+            f"lost {result.lost}, turns {result.turns_logged}/{result.messages}"
+        )
+    return results
+
+
 class RateColumn(ProgressColumn):
     """Messages answered per second."""
 
@@ -229,8 +245,47 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} msg/s" if task.speed else "- msg/s")
 
 
+@contextlib.asynccontextmanager
+async def training_in_background(base_model: str, workdir: Path) -> AsyncIterator[None]:
+    """A real ``reverie train`` child at low priority, as the improvement loop runs it, for the block's duration."""
+    from bot.subprocesses import StepFailedError, reverie_command, run_step
+    from imagine.simulated import generate_scripted_dialogues
+
+    dialogues = workdir / "dialogues.jsonl"
+    dialogues.write_text("".join(json.dumps(d.to_dict()) + "\n" for d in generate_scripted_dialogues("travel", 400, 0)))
+    command = reverie_command(
+        "train",
+        "--algo",
+        "ilql",
+        "--task",
+        "travel",
+        "--dialogues",
+        str(dialogues),
+        "--steps",
+        "100000",
+        "--base-model",
+        base_model,
+        "--out",
+        str(workdir / "candidate"),
+        "--quiet",
+    )
+    log = workdir / "train.log"
+    trainer = asyncio.create_task(run_step("train", command, log_path=log, time_limit_s=24 * 3600))
+    await asyncio.sleep(20)  # past imports and model loading: the trainer is busy training
+    if trainer.done():
+        with contextlib.suppress(StepFailedError):
+            trainer.result()
+        raise RuntimeError(f"the background trainer stopped early; see {log}")
+    try:
+        yield
+    finally:
+        trainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trainer
+
+
 async def main_async(args: argparse.Namespace) -> list[LoadResult]:
-    """Every (policy, N) in turn."""
+    """Every (policy, N) in turn; with ``--during-training`` each N again while a trainer runs."""
     console = Console(width=max(Console().width, 110))
     results: list[LoadResult] = []
     columns = (
@@ -245,13 +300,11 @@ async def main_async(args: argparse.Namespace) -> list[LoadResult]:
         for policy_name in args.policies:
             policy = load_policy_for(policy_name, args.model_cache_dir, args.max_new_tokens)
             try:
-                for chats in args.chats:
-                    result = await run_load(policy_name, policy, chats, args.messages, progress)
-                    results.append(result)
-                    progress.console.print(
-                        f"{policy_name} N={chats}: p50 {result.p50_s:.3f} s, p99 {result.p99_s:.3f} s, "
-                        f"lost {result.lost}, turns {result.turns_logged}/{result.messages}"
-                    )
+                results += await load_series(policy_name, policy, args, progress)
+                if args.during_training:
+                    with tempfile.TemporaryDirectory() as workdir:
+                        async with training_in_background(args.train_base_model, Path(workdir)):
+                            results += await load_series(f"{policy_name} +training", policy, args, progress)
             finally:
                 policy.close()
     console.print(rich_table(results))
@@ -270,6 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (2 crawls when the 2 cores are shared)"
     )
+    parser.add_argument(
+        "--during-training", action="store_true", help="repeat each load while a `reverie train` child runs"
+    )
+    parser.add_argument("--train-base-model", default="tiny", help="base model of the background trainer")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to append to")
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
