@@ -165,12 +165,23 @@ class ImaginationEngine:
 
     # --- the run ---------------------------------------------------------------------------------------
 
-    async def run(self, n: int, *, on_event: Callable[[ImagineEvent], None] | None = None) -> ImagineReport:
-        """Imagine until this run id has ``n`` dialogues (or attempts run out); never raises for bad output."""
+    async def run(
+        self,
+        n: int,
+        *,
+        on_event: Callable[[ImagineEvent], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> ImagineReport:
+        """Imagine until this run id has ``n`` dialogues (or attempts run out); never raises for bad output.
+
+        ``on_start`` hears how many dialogues earlier runs with this id stored; ``on_event`` hears every attempt.
+        """
         started = time.perf_counter()
         report = ImagineReport(run_id=self.run_id, task=self.task.name, requested=n)
         done_indices, seen_personas, seen_fingerprints = await self._existing()
         report.already_done = len(done_indices)
+        if on_start is not None:
+            on_start(report.already_done)
         remaining = n - report.already_done
         if remaining <= 0:
             report.elapsed_s = time.perf_counter() - started

@@ -68,6 +68,7 @@ async def imagine_dialogues(
     run_id: str | None = None,
     on_event: Any = None,
     threads: int | None = None,
+    on_start: Any = None,
 ) -> ImagineReport:
     """Imagine until ``run_id`` has ``n`` dialogues of ``task`` in ``store``; the improvement loop calls this too."""
     if backend == "scripted":
@@ -77,7 +78,7 @@ async def imagine_dialogues(
     try:
         config = ImagineConfig(critique=critique, concurrency=concurrency, seed=seed, run_id=run_id)
         engine = ImaginationEngine(task, chat, store=store, config=config)
-        return await engine.run(n, on_event=on_event)
+        return await engine.run(n, on_event=on_event, on_start=on_start)
     finally:
         await chat.aclose()
 
@@ -202,6 +203,7 @@ async def _run(
     threads: int | None,
 ) -> ImagineReport:
     rejects: Counter[str] = Counter()
+    accepted = 0
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -218,16 +220,19 @@ async def _run(
             started = time.perf_counter()
 
             def on_event(event: ImagineEvent) -> None:
+                nonlocal accepted
                 if event.accepted:
+                    accepted += 1
                     progress.advance(bar)
                 else:
                     rejects[event.reason] += 1
-                done = progress.tasks[0].completed
                 minutes = max(time.perf_counter() - started, 1e-6) / 60
                 top = ", ".join(f"{r} {c}" for r, c in rejects.most_common(2))
                 rejected = sum(rejects.values())
                 progress.update(
-                    bar, rate=f"{done / minutes:.1f}/min", rejects=f"rejected {rejected} ({top})" if rejected else ""
+                    bar,
+                    rate=f"{accepted / minutes:.1f}/min",
+                    rejects=f"rejected {rejected} ({top})" if rejected else "",
                 )
 
             try:
@@ -243,6 +248,7 @@ async def _run(
                     run_id=run_id,
                     on_event=on_event,
                     threads=threads,
+                    on_start=lambda done: progress.reset(bar, total=n, completed=done),
                 )
             except BackendError as error:
                 console.print(f"[red]{error}[/red]")
