@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
@@ -56,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--candidates", type=int, default=None, help="utterance-level ILQL K at decoding")
     parser.add_argument("--algos", default="bc,fbc,ilql-utterance,ilql-token", help="comma-separated")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=320, help="tokens per training sequence")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "rl_vs_bc")
     parser.add_argument("--skip-existing", action="store_true", help="reuse checkpoints found in --work-dir")
     parser.add_argument("--time-limit-minutes", type=float, default=None, help="per training run")
@@ -65,6 +67,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     quick = args.quick
     base_model = args.base_model or ("tiny" if quick else "smollm2")
@@ -89,7 +92,7 @@ def main() -> None:
         "batch_size": batch_size,
         "lr": lr,
         "seed": 0,
-        "max_length": 384,
+        "max_length": args.max_length,
         "value_steps": value_steps,
         "time_limit_minutes": args.time_limit_minutes,
     }
@@ -109,28 +112,27 @@ def main() -> None:
     needs_bc = any(a in algos for a in ("bc", "ilql-utterance", "ilql-token"))
     if needs_bc:
         run("bc", TrainConfig(algorithm="bc", steps=bc_steps, **common))
-    for level in ("utterance", "token"):
-        name = f"ilql-{level}"
-        if name in algos:
-            ilql = ILQLConfig(level=level)  # type: ignore[arg-type]
-            config = TrainConfig(algorithm=name, steps=0, ilql=ilql, **common)
+    for name in algos:  # in the order given: the most informative first when time is short
+        if name.startswith("ilql-"):
+            level = name.removeprefix("ilql-")
+            config = TrainConfig(algorithm=name, steps=0, ilql=ILQLConfig(level=level), **common)  # type: ignore[arg-type]
             if level == "token" and args.value_steps is None:
                 config.value_steps = value_steps // 5  # each step is |V|-wide (CQL): fewer, costlier steps
             # the policy stage is the BC checkpoint: ILQL differs from BC only by its value heads
             run(name, config, init_from=checkpoints["bc"])
-    if "fbc" in algos:
-        successes = sum((r.reward or 0) >= 1 for r in records)
-        fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
-        run("fbc", TrainConfig(algorithm="fbc", steps=fbc_steps, **common))
+        elif name == "fbc":
+            successes = sum((r.reward or 0) >= 1 for r in records)
+            fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
+            run("fbc", TrainConfig(algorithm="fbc", steps=fbc_steps, **common))
 
-    policies = [load_policy("base", task=task, base_model=base_model, max_new_tokens=48)]
+    policies = [load_policy("base", task=task, base_model=base_model, max_new_tokens=40)]
     for name in algos:
         policies.append(
             load_policy(
                 checkpoints[name],
                 task=task,
                 base_model=base_model,
-                max_new_tokens=48,
+                max_new_tokens=40,
                 beta=args.beta,
                 candidates=args.candidates,
             )

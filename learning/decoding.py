@@ -64,9 +64,16 @@ def decode(
     heads: ValueHeads | None = None,
     generator: torch.Generator | None = None,
     collect_hidden: bool = False,
+    value_model: torch.nn.Module | None = None,
 ) -> Decoded:
-    """Generate one reply per prompt with the KV cache; ILQL-guided when ``heads`` and ``config.beta`` are set."""
+    """Generate one reply per prompt with the KV cache; ILQL-guided when ``heads`` and ``config.beta`` are set.
+
+    ``value_model`` (the base model without the adapter) runs in lockstep with its own KV cache when the value
+    heads read its hidden states rather than the policy's; collected hidden states then come from it too.
+    """
     decoder = trunk(model)
+    value_decoder = trunk(value_model) if value_model is not None else None
+    value_cache = DynamicCache()
     lm = causal_lm(model)
     embedding = lm.get_output_embeddings().weight
     head_bias = getattr(lm.get_output_embeddings(), "bias", None)
@@ -93,13 +100,25 @@ def decode(
             )
         hidden = out.last_hidden_state[:, -1].float()
         cache = out.past_key_values
+        value_hidden = hidden
+        if value_decoder is not None:
+            with autocast(config.bf16):
+                value_out = value_decoder(
+                    input_ids=step_input,
+                    attention_mask=mask,
+                    position_ids=step_positions,
+                    past_key_values=value_cache,
+                    use_cache=True,
+                )
+            value_hidden = value_out.last_hidden_state[:, -1].float()
+            value_cache = value_out.past_key_values
         if collect_hidden:
             if state_hidden is None:
-                state_hidden, end_hidden = hidden.clone(), torch.zeros_like(hidden)
+                state_hidden, end_hidden = value_hidden.clone(), torch.zeros_like(value_hidden)
             else:
-                # the hidden state after feeding a reply's last token is where Q(s, u) is read
+                # Q(s, u) reads the mean hidden state over the reply's tokens, as in training
+                end_hidden[~captured] += value_hidden[~captured]
                 just_done = (finished | (step == config.max_new_tokens)) & ~captured
-                end_hidden[just_done] = hidden[just_done]
                 captured |= just_done
         if bool(finished.all()) or step == config.max_new_tokens:
             break
@@ -112,7 +131,7 @@ def decode(
         if use_values:
             assert heads is not None
             with autocast(config.bf16):
-                advantage = token_advantages(heads, embedding, hidden, candidates)
+                advantage = token_advantages(heads, embedding, value_hidden, candidates)
             scores = scores + config.beta * advantage.float()
         if config.temperature <= 0:
             choice = scores.argmax(-1)
@@ -141,6 +160,7 @@ def rerank_utterances(
     config: DecodeConfig,
     heads: ValueHeads,
     generator: torch.Generator | None = None,
+    value_model: torch.nn.Module | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """Sample ``config.candidates`` replies per prompt and keep the one with the highest ``Q̄(s, u) − V(s)``."""
     k = max(config.candidates, 1)
@@ -149,11 +169,20 @@ def rerank_utterances(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, bf16=config.bf16
     )
     decoded = decode(
-        model, expanded, end_id=end_id, pad_id=pad_id, config=sampling, generator=generator, collect_hidden=True
+        model,
+        expanded,
+        end_id=end_id,
+        pad_id=pad_id,
+        config=sampling,
+        generator=generator,
+        collect_hidden=True,
+        value_model=value_model,
     )
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
+    lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)
+    reply_mean = decoded.end_hidden / lengths.unsqueeze(-1)
     with autocast(config.bf16):
-        scores = utterance_scores(heads, decoded.state_hidden, decoded.end_hidden).float()
+        scores = utterance_scores(heads, decoded.state_hidden, reply_mean).float()
     empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens], device=scores.device)
     scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)
     best = scores.argmax(-1)

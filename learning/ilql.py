@@ -3,8 +3,8 @@
 Heads read the base model's last hidden state ``h`` (the LoRA-adapted policy trunk):
 
 * token level: twin ``Q₁, Q₂`` over the vocabulary, their Polyak targets ``Q̄₁, Q̄₂`` and ``V``;
-* utterance level (Snell's ``PerUtteranceIQL``): ``Q(s, u)`` read at the last token of an agent turn
-  (from ``[h_end(u), h(s)]``), ``V(s)`` at the token before the turn; one step per agent turn.
+* utterance level (Snell's ``PerUtteranceIQL``): ``Q(s, u)`` from ``[mean h over u's tokens, h(s)]``,
+  ``V(s)`` at the token before the turn; one step per agent turn.
 
 Losses on a batch of transitions ``(s, a, r, done, s′)``::
 
@@ -50,6 +50,10 @@ class ILQLConfig:
     head_type: HeadType = "factorized"
     head_hidden_mult: int = 2  # MLP width = mult × d
     trunk_grad: bool = False  # token level: the paper's joint loss with value gradients into the LoRA trunk
+    # Which frozen trunk the value heads read: "base" (adapter disabled) or "policy" (the BC-adapted trunk).
+    # BC training compresses away what next-token prediction does not need (which reply was given, once the
+    # next token is the same), so value heads on the policy trunk cannot tell good turns from bad ones.
+    value_features: Literal["base", "policy"] = "base"
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form for manifests."""
@@ -71,22 +75,33 @@ class ScalarHead(nn.Module):
 
 
 class FactorizedQHead(nn.Module):
-    """``Q(s, ·) = E·MLP(h) + b`` with ``E`` the frozen output embedding (passed in, never stored)."""
+    """``Q(s, ·) = E·MLP(h)/rms(E) + b`` with ``E`` the frozen output embedding (passed in, never stored).
+
+    Dividing by the embedding's RMS (fixed on first use) gives every model unit-scale token directions, so
+    the head's learning speed does not depend on how the base model happened to scale its embeddings.
+    """
 
     def __init__(self, hidden_size: int, vocab_size: int, width: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, hidden_size))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.register_buffer("inverse_scale", torch.zeros(()))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
+    def _project(self, features: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        if self.inverse_scale == 0:
+            with torch.no_grad():
+                self.inverse_scale.fill_(1.0 / embedding.float().pow(2).mean().sqrt().clamp(min=1e-6).item())
+        return self.net(features) * self.inverse_scale
+
     def all(self, features: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``Q(s, a′)`` for every token ``a′``: shape ``[..., |V|]``."""
-        return self.net(features) @ embedding.t() + self.bias
+        return self._project(features, embedding) @ embedding.t() + self.bias
 
     def at(self, features: torch.Tensor, actions: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``Q(s, a)`` for given tokens; ``actions`` is ``[...]`` (one per state) or ``[..., k]`` (k per state)."""
-        projected = self.net(features)
+        projected = self._project(features, embedding)
         rows = embedding[actions]
         if actions.dim() == projected.dim():  # k candidates per state
             return torch.einsum("...d,...kd->...k", projected, rows) + self.bias[actions]

@@ -144,6 +144,7 @@ class LearnedPolicy:
         algorithm: str,
         version_id: int | None = None,
         heads: ValueHeads | None = None,
+        value_model: torch.nn.Module | None = None,
         decode_config: DecodeConfig = DecodeConfig(),
         max_prompt_tokens: int = 1024,
         batch_window_ms: float = 5.0,
@@ -156,6 +157,7 @@ class LearnedPolicy:
         self.algorithm = algorithm
         self.version_id = version_id
         self.heads = heads.eval() if heads is not None else None
+        self.value_model = value_model.eval() if value_model is not None else None
         self.decode_config = decode_config
         self.max_prompt_tokens = max_prompt_tokens
         self._end_id = end_of_turn_id(tokenizer)
@@ -200,6 +202,7 @@ class LearnedPolicy:
                     config=self.decode_config,
                     heads=self.heads,
                     generator=generator,
+                    value_model=self.value_model,
                 )
             else:
                 tokens = decode(
@@ -210,6 +213,7 @@ class LearnedPolicy:
                     config=self.decode_config,
                     heads=self.heads,
                     generator=generator,
+                    value_model=self.value_model if self.decode_config.beta else None,
                 ).tokens
         return [self._to_text(t) for t in tokens]
 
@@ -282,6 +286,7 @@ def load_policy(
         raise PolicyLoadError(f"{directory}: cannot load the LoRA adapter: {error}") from error
     ilql_config = ILQLConfig(**manifest.get("config", {}).get("ilql", {}))
     heads = None
+    value_model = None
     if (directory / HEADS_FILE).is_file() and algorithm.startswith("ilql"):
         embedding = model.get_output_embeddings().weight
         heads = ValueHeads(embedding.shape[1], embedding.shape[0], ilql_config)
@@ -290,6 +295,8 @@ def load_policy(
         except (RuntimeError, ValueError) as error:
             raise PolicyLoadError(f"{directory}: value heads do not fit this model: {error}") from error
         heads.to(device)
+        if ilql_config.value_features == "base":  # the heads read the base trunk (adapter off): keep a copy
+            value_model = _load_base(base_model, cache_dir, device).model
     resolved_beta = beta if beta is not None else (ilql_config.beta if heads is not None else 0.0)
     config = DecodeConfig(
         max_new_tokens=max_new_tokens,
@@ -307,6 +314,7 @@ def load_policy(
         algorithm=algorithm,
         version_id=version_id,
         heads=heads,
+        value_model=value_model,
         decode_config=config,
     )
 

@@ -240,7 +240,15 @@ def build_feature_table(
             if level == "utterance":
                 n = len(item.turn_end)
                 states.append(hidden[b, item.turn_state])
-                ends.append(hidden[b, item.turn_end])
+                # the reply's summary: mean hidden state over its tokens (the end token alone may not carry it)
+                ends.append(
+                    torch.stack(
+                        [
+                            hidden[b, s + 1 : e + 1].float().mean(0)
+                            for s, e in zip(item.turn_state, item.turn_end, strict=True)
+                        ]
+                    ).to(torch.bfloat16)
+                )
                 rewards.extend(item.turn_rewards)
                 dones.extend(item.turn_dones)
                 next_rows.extend([row + k + 1 if not item.turn_dones[k] else -1 for k in range(n)])
@@ -497,16 +505,18 @@ def train(
         if state["stage"] == "value" and heads is not None and value_optimizer is not None and not interrupted:
             model.eval()
             probabilities = _item_probabilities(sampler)
-            table = build_feature_table(
-                model,
-                items,
-                probabilities,
-                level=config.ilql.level,
-                pad_id=tokenizer.pad_token_id,
-                question_ids=_question_token_ids(tokenizer),
-                bf16=config.bf16,
-                progress=bar,
-            )
+            features_from_base = config.ilql.value_features == "base" and hasattr(model, "disable_adapter")
+            with model.disable_adapter() if features_from_base else contextlib.nullcontext():
+                table = build_feature_table(
+                    model,
+                    items,
+                    probabilities,
+                    level=config.ilql.level,
+                    pad_id=tokenizer.pad_token_id,
+                    question_ids=_question_token_ids(tokenizer),
+                    bf16=config.bf16,
+                    progress=bar,
+                )
             generator = torch.Generator().manual_seed(config.seed + state["value_step"])
             task_id = bar.add_task("ilql: value", total=config.value_steps, completed=state["value_step"], terms="")
             started, seen = time.monotonic(), 0

@@ -94,7 +94,7 @@ def test_bad_data_gives_clear_errors() -> None:
         encode_records([record(None), record(None)], TOKENIZER, TASK)
     with pytest.raises(DatasetError, match="no usable dialogue"):
         encode_records([record(1.0)], TOKENIZER, TASK, config=EncodingConfig(max_length=30))
-    items, summary = encode_records([record(1.0), record(None), record(0.0)], TOKENIZER, TASK)
+    _, summary = encode_records([record(1.0), record(None), record(0.0)], TOKENIZER, TASK)
     assert summary.dialogues == 2 and summary.dropped == {"no reward": 1} and summary.success_rate == 0.5
     kept, _ = encode_records([record(1.0), record(0.0)], TOKENIZER, TASK, min_reward=1.0)
     assert [k.reward for k in kept] == [1.0]

@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
 
         settings = Settings()
         configure_logging("WARNING")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # stdout carries the reply alone
         try:
             spec = load_task(task or settings.task)
             if history_file is not None:

@@ -1,0 +1,184 @@
+"""Training + inference end to end on the tiny model: ILQL finds a rewarded action that BC does not take,
+policies load from checkpoints (and refuse bad ones), micro-batching, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bot.cli import app
+from imagine.task import load_task
+from learning.base_model import tiny_model
+from learning.checkpoint import load_manifest, save_checkpoint
+from learning.ilql import ILQLConfig
+from learning.interface import Message, Policy
+from learning.policy import PolicyLoadError, load_policy
+from learning.trainer import TrainConfig, train
+from storage import DialogueRecord, TurnRecord
+
+TASK = load_task("travel")
+HISTORY = [Message("agent", TASK.opening_line), Message("user", "hello")]
+# single-token replies: the random tiny model keeps their hidden states well apart (multi-token words can collapse)
+COMMON, RARE = "2", "7"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids OpenMP stalls on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def rare_reward_dialogues(n: int = 40) -> list[DialogueRecord]:
+    """After "hello" the agent says COMMON (80 %, reward 0) or RARE (20 %, reward 1)."""
+    records = []
+    for index in range(n):
+        rewarded = index % 5 == 0
+        turns = (
+            TurnRecord("agent", TASK.opening_line),
+            TurnRecord("user", "hello"),
+            TurnRecord("agent", RARE if rewarded else COMMON),
+            TurnRecord("user", "okay"),
+        )
+        records.append(DialogueRecord(id=index, source="imagined", task="travel", turns=turns, reward=float(rewarded)))
+    return records
+
+
+@pytest.fixture(scope="module")
+def sharp_tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with embeddings ×25, saved as a local base model directory.
+
+    The stock tiny model's embeddings (std 0.02) are drowned by its residual stream: LoRA cannot make its
+    next-token distribution peaked and its hidden states hardly depend on which token came last.
+    """
+    model, tokenizer = tiny_model()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(25.0)
+    directory = tmp_path_factory.mktemp("sharp-tiny")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, sharp_tiny: str, one_thread: None) -> dict[str, Path]:
+    """BC, then token- and utterance-level ILQL whose policy stage is that BC checkpoint."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    data = rare_reward_dialogues()
+    common = {"base_model": sharp_tiny, "batch_size": 8, "lr": 1e-2, "value_lr": 1e-2, "value_batch_size": 128}
+    bc = train(TrainConfig(algorithm="bc", steps=60, **common), data, out_dir=root / "bc", progress=False)
+    out = {"bc": bc}
+    for level in ("token", "utterance"):
+        config = TrainConfig(
+            algorithm=f"ilql-{level}", steps=0, value_steps=200, ilql=ILQLConfig(level=level), **common
+        )
+        out[level] = train(config, data, out_dir=root / level, init_from=bc, progress=False)
+    return out
+
+
+def test_ilql_decoding_picks_the_rare_rewarded_reply_that_bc_does_not(
+    checkpoints: dict[str, Path], sharp_tiny: str
+) -> None:
+    bc = load_policy(checkpoints["bc"], task=TASK, base_model=sharp_tiny, temperature=0.0, max_new_tokens=3)
+    token = load_policy(checkpoints["token"], task=TASK, base_model=sharp_tiny, temperature=0.0, max_new_tokens=3)
+    try:
+        assert bc.respond_batch([HISTORY])[0] == COMMON  # imitation: the common, unrewarded reply
+        assert token.respond_batch([HISTORY])[0] == RARE  # log π + β·(Q̄ − V) prefers the rewarded one
+        token_without_values = load_policy(
+            checkpoints["token"], task=TASK, base_model=sharp_tiny, temperature=0.0, max_new_tokens=3, beta=0.0
+        )
+        assert token_without_values.respond_batch([HISTORY])[0] == COMMON  # β = 0 is BC again
+    finally:
+        bc.close()
+        token.close()
+    # utterance level: K replies sampled from π (top-3 tokens), the best Q̄(s, u) − V(s) kept
+    utterance = load_policy(
+        checkpoints["utterance"],
+        task=TASK,
+        base_model=sharp_tiny,
+        temperature=1.0,
+        top_k=3,
+        max_new_tokens=3,
+        candidates=16,
+    )
+    try:
+        replies = utterance.respond_batch([HISTORY] * 6, seed=0)
+        assert sum(r == RARE for r in replies) >= 5, replies
+    finally:
+        utterance.close()
+    manifest = load_manifest(checkpoints["utterance"])
+    assert manifest["algorithm"] == "ilql-utterance" and manifest["metrics"]["heads_parameters"] > 0
+
+
+async def test_base_policy_replies_in_plain_text_and_micro_batches_concurrent_calls() -> None:
+    policy = load_policy("base", task=TASK, base_model="tiny", max_new_tokens=6)
+    policy.batcher._window = 0.2  # a generous window: the four calls below are queued within microseconds
+    try:
+        assert isinstance(policy, Policy) and policy.version_id is None and policy.name == "base"
+        replies = await asyncio.gather(*(policy.respond(HISTORY) for _ in range(4)))
+        assert len(replies) == 4 and all(r.strip() for r in replies)
+        assert all("<|im" not in r for r in replies)
+        assert policy.batcher.requests_served == 4 and policy.batcher.batches_served == 1
+        assert policy.respond_batch([[]], seed=1)[0]  # an empty history still gets a reply
+    finally:
+        policy.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await policy.respond(HISTORY)
+
+
+def test_load_policy_refuses_missing_corrupt_and_mismatched_checkpoints(
+    checkpoints: dict[str, Path], sharp_tiny: str, tmp_path: Path
+) -> None:
+    with pytest.raises(PolicyLoadError, match="no checkpoint directory"):
+        load_policy(tmp_path / "nothing", task=TASK, base_model="tiny")
+    with pytest.raises(PolicyLoadError, match="trained on base model"):
+        load_policy(checkpoints["bc"], task=TASK, base_model="tiny")  # trained on the sharpened tiny model
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for file in checkpoints["bc"].iterdir():
+        (corrupt / file.name).write_bytes(file.read_bytes())
+    adapter = corrupt / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(PolicyLoadError, match="corrupt"):
+        load_policy(corrupt, task=TASK, base_model=sharp_tiny)
+    other = save_checkpoint(
+        tmp_path / "other", write_files=lambda d: None, base_model="some/other-model", algorithm="bc", config={}
+    )
+    with pytest.raises(PolicyLoadError, match="trained on base model 'some/other-model'"):
+        load_policy(other, task=TASK, base_model="tiny")
+
+
+def test_cli_train_and_generate(tmp_path: Path, checkpoints: dict[str, Path], sharp_tiny: str) -> None:
+    runner = CliRunner()
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rare_reward_dialogues(10)))
+    out = tmp_path / "ckpt"
+    args = ["train", "--algo", "fbc", "--base-model", "tiny", "--dialogues", str(dialogues), "--steps", "2"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out)["algorithm"] == "fbc" and load_manifest(out)["data"]["dialogues"] == 2
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = runner.invoke(app, ["train", "--base-model", "tiny", "--dialogues", str(empty), "--out", str(out)])
+    assert result.exit_code == 1 and "empty" in result.output
+    unrewarded = tmp_path / "unrewarded.jsonl"
+    unrewarded.write_text(json.dumps({"turns": [{"role": "agent", "text": "hi"}], "reward": None}) + "\n")
+    result = runner.invoke(app, ["train", "--base-model", "tiny", "--dialogues", str(unrewarded)])
+    assert result.exit_code == 1 and "reward" in result.output
+
+    result = runner.invoke(
+        app, ["generate", str(checkpoints["bc"]), "--base-model", sharp_tiny, "-t", "user: hello", "--temperature", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == COMMON
+    result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "--base-model", "tiny"])
+    assert result.exit_code == 1 and "no checkpoint directory" in result.output
