@@ -41,16 +41,16 @@ async def test_dialogues_are_imagined_critiqued_and_stored(store: Store) -> None
     assert {r.reward for r in stored} == {0.0, 1.0}
 
 
-async def test_an_interrupted_run_resumes_up_to_n(sqlite_store: Store) -> None:
+async def test_an_interrupted_run_resumes_up_to_n(store: Store) -> None:
     async with FakeOpenAIServer(ImaginationResponder()) as server:
-        first = await engine(server, sqlite_store, run_id="resume").run(3)
-        second = await engine(server, sqlite_store, run_id="resume").run(5)
-        third = await engine(server, sqlite_store, run_id="resume").run(5)
-        other = await engine(server, sqlite_store, run_id="other").run(2)
+        first = await engine(server, store, run_id="resume").run(3)
+        second = await engine(server, store, run_id="resume").run(5)
+        third = await engine(server, store, run_id="resume").run(5)
+        other = await engine(server, store, run_id="other").run(2)
     assert (first.accepted, second.already_done, second.accepted) == (3, 3, 2)
     assert (third.already_done, third.accepted, third.attempts) == (5, 0, 0)
     assert (other.already_done, other.accepted) == (0, 2)
-    stored = await sqlite_store.dialogues_for_training(sources=["imagined"])
+    stored = await store.dialogues_for_training(sources=["imagined"])
     resumed = [r for r in stored if r.meta["run_id"] == "resume"]
     assert sorted(r.meta["index"] for r in resumed) == [0, 1, 2, 3, 4]
     assert len({r.meta["persona_key"] for r in resumed}) == 5  # the resumed run avoided earlier personas
