@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 from bot.settings import Settings
@@ -18,7 +19,8 @@ def configure_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(name)s: %(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(rich_tracebacks=True, show_path=False)],
+        # stderr: stdout carries command output (e.g. `reverie dialogues export --out -`).
+        handlers=[RichHandler(console=Console(stderr=True), rich_tracebacks=True, show_path=False)],
         force=True,
     )
     for noisy in ("httpx", "httpcore", "discord", "telegram", "apscheduler", "aiosqlite", "urllib3"):
