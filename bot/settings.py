@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     improve_enabled: bool = True
     improve_cron: str = Field(default="0 3 * * *", description="Cron expression (UTC) for improvement runs.")
     improve_on_first_start: bool = True
-    improve_imagined: int = Field(default=200, ge=0, description="Fresh imagined dialogues per run.")
+    improve_imagined: int = Field(default=60, ge=0, description="Fresh imagined dialogues per run.")
     improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     improve_algo: Literal["ilql", "ilql-token", "ilql-utterance", "bc", "fbc"] = "ilql"
     improve_steps: int = Field(default=300, ge=1)
