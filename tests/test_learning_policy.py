@@ -182,3 +182,13 @@ def test_cli_train_and_generate(tmp_path: Path, checkpoints: dict[str, Path], sh
     assert result.stdout.strip() == COMMON
     result = runner.invoke(app, ["generate", str(tmp_path / "missing"), "--base-model", "tiny"])
     assert result.exit_code == 1 and "no checkpoint directory" in result.output
+
+
+@pytest.mark.smollm2
+def test_smollm2_base_policy_replies_with_plain_text(model_cache_dir: Path) -> None:
+    policy = load_policy("base", task=TASK, base_model="smollm2", cache_dir=model_cache_dir, max_new_tokens=12)
+    try:
+        reply = policy.respond_batch([HISTORY], seed=0)[0]
+    finally:
+        policy.close()
+    assert reply.strip() and "<|im_" not in reply and "assistant" not in reply.split()[0]
