@@ -74,9 +74,11 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
     device = resolve_device(settings.device)
 
     def load(source: str, version_id: int | None) -> Policy:
+        import torch
+
         from learning.policy import load_policy  # torch and transformers load only when a policy is needed
 
-        return load_policy(
+        policy = load_policy(
             source,
             task=task,
             base_model=settings.base_model,
@@ -88,6 +90,8 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
             top_k=settings.top_k,
             beta=settings.beta,
         )
+        torch.set_num_threads(settings.resolved_torch_threads)  # after loading: the loader picks its own
+        return policy
 
     return load
 

@@ -7,6 +7,7 @@ and never appear in ``repr``, logs or ``/status``.
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
     base_model: str = Field(default="smollm2", description="'smollm2' (bundled), a local directory or a hub id.")
     model_cache_dir: Path | None = Field(default=None, description="Converted base models; default data_dir/models.")
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for serving; default half the cores (training shares them)."
+    )
     task: str = Field(default="travel", description="Task spec served by the bot: built-in name or TOML path.")
 
     # --- decoding ------------------------------------------------------------------------------------
@@ -106,6 +110,12 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'reverie.db').resolve()}"
+
+    @property
+    def resolved_torch_threads(self) -> int:
+        """Serving threads: half the cores, so a training child at low priority never oversubscribes the CPU
+        (on 2 shared cores, 2 spinning OpenMP threads are ~20x slower than 1)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def resolved_model_cache_dir(self) -> Path:
