@@ -10,7 +10,7 @@ the prompt's end and at each reply's last token (both fall out of decoding for f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +65,7 @@ def decode(
     generator: torch.Generator | None = None,
     collect_hidden: bool = False,
     value_model: torch.nn.Module | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Decoded:
     """Generate one reply per prompt with the KV cache; ILQL-guided when ``heads`` and ``config.beta`` are set.
 
@@ -90,6 +91,8 @@ def decode(
     use_values = heads is not None and config.beta != 0.0
     step_input, step_positions = ids, positions
     for step in range(config.max_new_tokens + 1):
+        if should_stop is not None and should_stop():  # the policy is closing: give back what there is
+            break
         with autocast(config.bf16):
             out = decoder(
                 input_ids=step_input,
@@ -161,6 +164,7 @@ def rerank_utterances(
     heads: ValueHeads,
     generator: torch.Generator | None = None,
     value_model: torch.nn.Module | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """Sample ``config.candidates`` replies per prompt and keep the one with the highest ``Q̄(s, u) − V(s)``."""
     k = max(config.candidates, 1)
@@ -177,6 +181,7 @@ def rerank_utterances(
         generator=generator,
         collect_hidden=True,
         value_model=value_model,
+        should_stop=should_stop,
     )
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)

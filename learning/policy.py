@@ -103,6 +103,11 @@ class MicroBatcher:
                     self._queue.put(None)
             except queue.Empty:
                 pass
+            # A caller that gave up (a timeout cancelled its future) gets no reply: skip its work, so later
+            # requests do not queue behind generations nobody waits for.
+            batch = [request for request in batch if not request.future.done()]
+            if not batch:
+                continue
             self.batches_served += 1
             self.requests_served += len(batch)
             try:
@@ -203,6 +208,7 @@ class LearnedPolicy:
                     heads=self.heads,
                     generator=generator,
                     value_model=self.value_model,
+                    should_stop=self._is_closed,
                 )
             else:
                 tokens = decode(
@@ -214,6 +220,7 @@ class LearnedPolicy:
                     heads=self.heads,
                     generator=generator,
                     value_model=self.value_model if self.decode_config.beta else None,
+                    should_stop=self._is_closed,
                 ).tokens
         return [self._to_text(t) for t in tokens]
 
@@ -229,6 +236,9 @@ class LearnedPolicy:
             return
         self._closed = True
         self.batcher.close()
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _to_text(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -192,3 +192,76 @@ def test_smollm2_base_policy_replies_with_plain_text(model_cache_dir: Path) -> N
     finally:
         policy.close()
     assert reply.strip() and "<|im_" not in reply and "assistant" not in reply.split()[0]
+
+
+async def test_batcher_skips_requests_whose_caller_gave_up() -> None:
+    """A reply nobody waits for (the bot's timeout fired) is never generated, so later chats do not queue behind it."""
+    import threading
+    import time
+
+    from learning.policy import MicroBatcher
+
+    seen: list[str] = []
+    busy = threading.Event()
+
+    def slow_batch(histories: list) -> list[str]:
+        busy.set()
+        seen.extend(h[0].text for h in histories)
+        time.sleep(0.5)
+        return [f"reply to {h[0].text}" for h in histories]
+
+    batcher = MicroBatcher(slow_batch, window_ms=1)
+    first = asyncio.create_task(batcher.submit([Message("user", "first")]))
+    await asyncio.to_thread(busy.wait, 5)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.submit([Message("user", "abandoned")]), 0.1)
+    third = await batcher.submit([Message("user", "third")])
+    assert await first == "reply to first" and third == "reply to third"
+    assert seen == ["first", "third"]
+    batcher.close()
+
+
+def test_close_interrupts_a_long_generation() -> None:
+    import threading
+    import time
+
+    policy = load_policy("base", task=load_task("travel"), base_model="tiny", max_new_tokens=900, temperature=1.0)
+    replies: list[str] = []
+    worker = threading.Thread(target=lambda: replies.extend(policy.respond_batch([[Message("user", "hi")]] * 4)))
+    worker.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    policy.close()
+    worker.join(30)
+    assert not worker.is_alive() and time.monotonic() - started < 10
+    assert len(replies) == 4  # what was generated so far (or the fallback), never an exception
+
+
+def test_decode_stops_when_asked() -> None:
+    from learning.decoding import DecodeConfig, decode
+
+    model, tokenizer = tiny_model()
+    prompt = tokenizer.encode("hello there")
+    calls = 0
+
+    def stop_after_three_steps() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    config = DecodeConfig(max_new_tokens=60, temperature=1.0, top_k=0, bf16=False)
+    pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
+    full = decode(
+        model, [prompt] * 2, end_id=end, pad_id=pad, config=config, generator=torch.Generator().manual_seed(0)
+    )
+    cut = decode(
+        model,
+        [prompt] * 2,
+        end_id=end,
+        pad_id=pad,
+        config=config,
+        generator=torch.Generator().manual_seed(0),
+        should_stop=stop_after_three_steps,
+    )
+    assert max(len(t) for t in full.tokens) > 3
+    assert all(len(t) <= 3 for t in cut.tokens)
