@@ -506,11 +506,14 @@ async def _known_version(store: Store, version_id: int | None) -> int | None:
 
 
 class _RateColumn(ProgressColumn):
-    """Episodes per second."""
+    """Episodes per second, averaged over the elapsed time: lockstep episodes finish in bursts, so rich's
+    windowed ``task.speed`` would report absurd rates."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("? ep/s" if speed is None else f"{speed:.1f} ep/s", style="progress.data.speed")
+        elapsed = task.finished_time or task.elapsed
+        if not elapsed or not task.completed:
+            return Text("? ep/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:.2f} ep/s", style="progress.data.speed")
 
 
 def _progress(enabled: bool) -> Progress:
