@@ -7,9 +7,14 @@
 3. Every policy meets the same held-out personas (another seed) with scripted users; success rates with
    95 % Wilson intervals are printed and appended to BENCHMARKS.md with the reproducing command.
 
+Every run also writes ``report.md``/``report.png``/``report.json`` (learning.report) and ``summary.json`` into
+``--work-dir``; the PNG is copied to ``bench/results/`` beside the table appended to BENCHMARKS.md.
+``--candidates`` and ``--beta`` take comma-separated lists: each value is one more evaluated ILQL policy
+(decoding settings only, same checkpoint), so one run shows how reranking width and β matter.
+
 Usage::
 
-    .venv/bin/python bench/rl_vs_bc.py                 # SmolLM2, the full run (CPU: about an hour)
+    .venv/bin/python bench/rl_vs_bc.py                 # SmolLM2, the full run (GPU: minutes; CPU: hours)
     .venv/bin/python bench/rl_vs_bc.py --quick         # tiny model, minutes: checks the pipeline only
     .venv/bin/python bench/rl_vs_bc.py --skip-existing # reuse checkpoints already in --work-dir
 """
@@ -20,8 +25,10 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,9 +42,11 @@ sys.path.insert(0, str(ROOT))
 from imagine.simulated import generate_scripted_dialogues  # noqa: E402
 from imagine.task import load_task  # noqa: E402
 from learning.checkpoint import load_manifest  # noqa: E402
-from learning.evaluation import evaluate  # noqa: E402
+from learning.devices import resolve_device  # noqa: E402
+from learning.evaluation import EvaluationReport, evaluate, paired_difference  # noqa: E402
 from learning.ilql import ILQLConfig  # noqa: E402
-from learning.policy import load_policy  # noqa: E402
+from learning.policy import LearnedPolicy, load_policy  # noqa: E402
+from learning.report import write_report  # noqa: E402
 from learning.trainer import TrainConfig, train  # noqa: E402
 
 console = Console()
@@ -53,9 +62,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--value-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--beta", type=float, default=None, help="token-level ILQL β at decoding")
-    parser.add_argument("--candidates", type=int, default=None, help="utterance-level ILQL K at decoding")
+    parser.add_argument("--beta", default=None, help="token-level ILQL β at decoding; a list evaluates each")
+    parser.add_argument("--candidates", default=None, help="utterance-level ILQL K at decoding; a list evaluates each")
     parser.add_argument("--algos", default="bc,fbc,ilql-utterance,ilql-token", help="comma-separated")
+    parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
+    parser.add_argument("--eval-batch", type=int, default=64, help="episodes decoded together (GPU: 200)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=320, help="tokens per training sequence")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "rl_vs_bc")
@@ -65,10 +76,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def number_list(text: str | None, kind: type) -> list:
+    """``"4,8"`` → ``[4, 8]``; ``None`` → ``[None]`` (the checkpoint's own setting)."""
+    return [kind(part) for part in text.split(",") if part.strip()] if text else [None]
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     quick = args.quick
     base_model = args.base_model or ("tiny" if quick else "smollm2")
     n_dialogues = args.dialogues or (120 if quick else 1200)
@@ -80,6 +97,7 @@ def main() -> None:
     task = load_task("travel")
     work = args.work_dir / ("quick" if quick else base_model)
     work.mkdir(parents=True, exist_ok=True)
+    console.print(f"device {device_description(device)}")
 
     records = generate_scripted_dialogues("travel", n_dialogues, seed=0)
     data_success = sum(r.reward or 0.0 for r in records) / len(records)
@@ -95,25 +113,33 @@ def main() -> None:
         "max_length": args.max_length,
         "value_steps": value_steps,
         "time_limit_minutes": args.time_limit_minutes,
+        "device": device,
     }
     checkpoints: dict[str, Path] = {}
     timings: dict[str, float] = {}
+    failures: dict[str, str] = {}
 
     def run(name: str, config: TrainConfig, init_from: Path | None = None) -> None:
         out = work / name
         if args.skip_existing and (out / "manifest.json").is_file():
             console.print(f"reusing {out}")
-        else:
-            started = time.monotonic()
+            checkpoints[name] = out
+            return
+        started = time.monotonic()
+        try:  # one failed run must not cost the others' results
             train(config, records, out_dir=out, init_from=init_from, progress=True, task=task)
-            timings[name] = time.monotonic() - started
+        except Exception as error:
+            traceback.print_exc()
+            failures[name] = f"{type(error).__name__}: {error}"
+            return
+        timings[name] = time.monotonic() - started
         checkpoints[name] = out
 
     needs_bc = any(a in algos for a in ("bc", "ilql-utterance", "ilql-token"))
     if needs_bc:
         run("bc", TrainConfig(algorithm="bc", steps=bc_steps, **common))
     for name in algos:  # in the order given: the most informative first when time is short
-        if name.startswith("ilql-"):
+        if name.startswith("ilql-") and "bc" in checkpoints:
             level = name.removeprefix("ilql-")
             config = TrainConfig(algorithm=name, steps=0, ilql=ILQLConfig(level=level), **common)  # type: ignore[arg-type]
             if level == "token" and args.value_steps is None:
@@ -125,78 +151,150 @@ def main() -> None:
             fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
             run("fbc", TrainConfig(algorithm="fbc", steps=fbc_steps, **common))
 
-    policies = [load_policy("base", task=task, base_model=base_model, max_new_tokens=40)]
+    policies = [load_policy("base", task=task, base_model=base_model, max_new_tokens=40, device=device)]
+    trained: dict[str, str] = {}  # evaluated policy name → checkpoint name
     for name in algos:
-        policies.append(
-            load_policy(
-                checkpoints[name],
-                task=task,
-                base_model=base_model,
-                max_new_tokens=40,
-                beta=args.beta,
-                candidates=args.candidates,
+        if name not in checkpoints:
+            continue
+        variants: list[tuple[str, dict]] = [(name, {})]
+        if name == "ilql-utterance":
+            variants = [(name + (f" K={k}" if k else ""), {"candidates": k}) for k in number_list(args.candidates, int)]
+        elif name == "ilql-token":
+            variants = [
+                (name + (f" β={b:g}" if b is not None else ""), {"beta": b}) for b in number_list(args.beta, float)
+            ]
+        for label, overrides in variants:
+            policy: LearnedPolicy = load_policy(
+                checkpoints[name], task=task, base_model=base_model, max_new_tokens=40, device=device, **overrides
             )
-        )
+            policy.name = label
+            policies.append(policy)
+            trained[label] = name
     started = time.monotonic()
-    report = evaluate(policies, task, users="scripted", episodes=episodes, seed=1000, progress=True, batch_size=64)
+    report = evaluate(
+        policies, task, users="scripted", episodes=episodes, seed=1000, progress=True, batch_size=args.eval_batch
+    )
     eval_seconds = time.monotonic() - started
     for policy in policies:
         policy.close()
+    files = write_report(report, work / "report")
 
+    rows = result_rows(report, trained, checkpoints, timings)
     table = Table(title=f"RL vs BC on scripted travel users ({base_model}, {episodes} held-out personas)")
-    for column in ("policy", "success", "95% interval", "mean turns", "notes"):
+    for column in ("policy", "success", "95% interval", "mean turns", "vs BC (paired)", "vs FBC (paired)", "notes"):
         table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for name, reason in failures.items():
+        console.print(f"[red]{name} failed: {reason}")
+    console.print(f"evaluation took {eval_seconds / 60:.1f} min; report in {files.markdown.parent}")
+    summary = {
+        "device": device_description(device),
+        "data_success": data_success,
+        "rows": rows,
+        "failures": failures,
+        "timings_s": timings,
+        "eval_seconds": eval_seconds,
+        "command": reproduce_command(),
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    if not args.no_append:
+        plot = ROOT / "bench" / "results" / f"rl_vs_bc-{'quick' if quick else base_model}.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files.plot, plot)
+        append_markdown(
+            args, rows, failures, base_model, device, n_dialogues, data_success, episodes, bc_steps, value_steps, plot
+        )
+
+
+def result_rows(
+    report: EvaluationReport, trained: dict[str, str], checkpoints: dict[str, Path], timings: dict[str, float]
+) -> list[tuple[str, ...]]:
+    """One table row per evaluated policy: success, interval, turns, paired differences to BC and FBC."""
+    baselines = {name: report.result(name) for name in ("bc", "fbc") if name in trained}
     rows = []
     for result in report.results:
         low, high = result.interval
+        differences = []
+        for baseline_name in ("bc", "fbc"):
+            baseline = baselines.get(baseline_name)
+            if baseline is None or baseline is result:
+                differences.append("")
+                continue
+            mean, lo, hi = paired_difference(result, baseline)
+            differences.append(f"{100 * mean:+.1f} ({100 * lo:+.1f}…{100 * hi:+.1f})")
         notes = ""
-        name = result.name.split("#")[0]
-        if name in checkpoints:
-            metrics = load_manifest(checkpoints[name])["metrics"]
+        checkpoint = trained.get(result.name)
+        if checkpoint is not None:
+            metrics = load_manifest(checkpoints[checkpoint])["metrics"]
             notes = ", ".join(
                 f"{k}={metrics[k]:.2f}" for k in ("Q_ask", "Q_act", "V_decision", "policy_bc") if k in metrics
             )
-            if name in timings:
-                notes += f", train {timings[name] / 60:.1f} min"
-        row = (name, f"{result.success_rate:.1%}", f"{low:.1%}–{high:.1%}", f"{result.mean_turns:.1f}", notes)
-        rows.append(row)
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"evaluation took {eval_seconds / 60:.1f} min")
-    if not args.no_append:
-        append_markdown(args, rows, base_model, n_dialogues, data_success, episodes, bc_steps, value_steps)
+            if checkpoint in timings:
+                notes += f", train {timings[checkpoint] / 60:.1f} min"
+        if result.error:
+            notes += f" error: {result.error}"
+        rows.append(
+            (
+                result.name,
+                f"{result.success_rate:.1%}",
+                f"{low:.1%}–{high:.1%}",
+                f"{result.mean_turns:.1f}",
+                *differences,
+                notes,
+            )
+        )
+    return rows
+
+
+def device_description(device: str) -> str:
+    """``NVIDIA H200 (cuda)`` or ``x86_64 CPU, 2 threads``."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (cuda), torch {torch.__version__}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def reproduce_command() -> str:
+    return " ".join([".venv/bin/python bench/rl_vs_bc.py", *sys.argv[1:]])
 
 
 def append_markdown(
     args: argparse.Namespace,
     rows: list[tuple[str, ...]],
+    failures: dict[str, str],
     base_model: str,
+    device: str,
     n_dialogues: int,
     data_success: float,
     episodes: int,
     bc_steps: int,
     value_steps: int,
+    plot: Path,
 ) -> None:
-    command = "  ".join(["", ".venv/bin/python bench/rl_vs_bc.py", *sys.argv[1:]]).strip()
     lines = [
         "",
         f"## RL vs BC on scripted travel users ({base_model}{', quick' if args.quick else ''})",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Data: {n_dialogues} scripted dialogues (behaviour success "
-        f"{data_success:.1%}); BC {bc_steps} steps × batch {args.batch_size}; ILQL value stage {value_steps} steps "
-        f"on the BC trunk; evaluation on {episodes} held-out personas (seed 1000).",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {device_description(device)}. Data: {n_dialogues} scripted "
+        f"dialogues (behaviour success {data_success:.1%}); BC {bc_steps} steps × batch {args.batch_size}; ILQL "
+        f"value stage {value_steps} steps (token level: a fifth) on base-trunk features; evaluation on "
+        f"{episodes} held-out personas (seed 1000). Paired differences are in points of success over the same "
+        "personas, with 95 % intervals.",
         "",
-        "| policy | success | 95% interval | mean agent turns | notes |",
-        "|---|---|---|---|---|",
+        "| policy | success | 95% interval | mean agent turns | vs BC (paired) | vs FBC (paired) | notes |",
+        "|---|---|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in rows),
         "",
-        f"Reproduce: `{command}`",
+        *(f"- {name} failed: {reason}" for name, reason in failures.items()),
+        f"![success rates]({plot.relative_to(ROOT).as_posix()})",
+        "",
+        f"Reproduce: `{reproduce_command()}`",
         "",
     ]
     with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
-    console.print(json.dumps({"appended": "BENCHMARKS.md"}))
+    console.print(json.dumps({"appended": "BENCHMARKS.md", "plot": str(plot)}))
 
 
 if __name__ == "__main__":

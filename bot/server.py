@@ -25,6 +25,7 @@ from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
 from bot.settings import Settings
 from imagine.task import TaskSpec, load_task
+from learning.devices import resolve_device
 from learning.interface import Policy
 from storage import Store
 
@@ -58,15 +59,6 @@ class Runtime:
 #: Starts the improvement loop (scheduler included) for a runtime and stops it on exit; yields the
 #: :class:`Improver` behind ``/retrain``, ``/rollback`` and ``/status`` (or ``None`` when disabled).
 ImproverHook = Callable[[Runtime], AbstractAsyncContextManager[Improver | None]]
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` where a GPU is available, else ``cpu``; anything else as configured."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:

@@ -20,6 +20,7 @@ Sequences longer than ``max_length`` lose whole turns from the start (the system
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -341,6 +342,10 @@ class Batch:
     def num_tokens(self) -> int:
         """Real (non-padding) tokens in the batch."""
         return int(self.attention_mask.sum())
+
+    def to(self, device: str | torch.device) -> Batch:
+        """The same batch on ``device``."""
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def collate(items: Sequence[EncodedDialogue], pad_id: int) -> Batch:

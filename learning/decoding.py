@@ -93,7 +93,7 @@ def decode(
     for step in range(config.max_new_tokens + 1):
         if should_stop is not None and should_stop():  # the policy is closing: give back what there is
             break
-        with autocast(config.bf16):
+        with autocast(config.bf16, device.type):
             out = decoder(
                 input_ids=step_input,
                 attention_mask=mask,
@@ -105,7 +105,7 @@ def decode(
         cache = out.past_key_values
         value_hidden = hidden
         if value_decoder is not None:
-            with autocast(config.bf16):
+            with autocast(config.bf16, device.type):
                 value_out = value_decoder(
                     input_ids=step_input,
                     attention_mask=mask,
@@ -133,7 +133,7 @@ def decode(
         scores, candidates = log_probs.topk(k, dim=-1)
         if use_values:
             assert heads is not None
-            with autocast(config.bf16):
+            with autocast(config.bf16, device.type):
                 advantage = token_advantages(heads, embedding, value_hidden, candidates)
             scores = scores + config.beta * advantage.float()
         if config.temperature <= 0:
@@ -144,8 +144,9 @@ def decode(
             )
         next_tokens = candidates.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+        chosen_ids = next_tokens.tolist()  # one device→host copy per step, not one per row
         for row in (~finished).nonzero().flatten().tolist():
-            tokens[row].append(int(next_tokens[row]))
+            tokens[row].append(chosen_ids[row])
         finished = finished | (next_tokens == end_id)
         step_input = next_tokens.unsqueeze(-1)
         step_positions = step_positions[:, -1:] + 1
@@ -186,10 +187,10 @@ def rerank_utterances(
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)
     reply_mean = decoded.end_hidden / lengths.unsqueeze(-1)
-    with autocast(config.bf16):
+    with autocast(config.bf16, decoded.end_hidden.device.type):
         scores = utterance_scores(heads, decoded.state_hidden, reply_mean).float()
     empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens], device=scores.device)
     scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)
-    best = scores.argmax(-1)
-    chosen = [decoded.tokens[row * k + int(best[row])] for row in range(len(prompts))]
+    best = scores.argmax(-1).tolist()
+    chosen = [decoded.tokens[row * k + best[row]] for row in range(len(prompts))]
     return chosen, scores.max(-1).values.tolist()

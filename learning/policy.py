@@ -31,6 +31,7 @@ from learning.base_model import BaseModelError, load_base_model
 from learning.checkpoint import CheckpointError, check_base_model, load_manifest, verify_checkpoint
 from learning.dataset import ROLE_NAMES, clean_text, end_of_turn_id
 from learning.decoding import DecodeConfig, decode, rerank_utterances
+from learning.devices import resolve_device
 from learning.ilql import ILQLConfig, ValueHeads
 from learning.interface import History
 from learning.lora import load_lora
@@ -196,7 +197,8 @@ class LearnedPolicy:
         if not histories:
             return []
         prompts = [self.prompt_ids(h) for h in histories]
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         with self._model_lock:
             if self.heads is not None and self.heads.config.level == "utterance" and self.decode_config.candidates > 1:
                 tokens, _ = rerank_utterances(
@@ -252,7 +254,7 @@ def load_policy(
     task: TaskSpec,
     base_model: str = "smollm2",
     cache_dir: Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     version_id: int | None = None,
     max_new_tokens: int = 96,
     temperature: float = 0.7,
@@ -266,8 +268,7 @@ def load_policy(
     Raises :class:`PolicyLoadError` with a clear message for a missing directory, a corrupt checkpoint or a
     checkpoint trained on another base model.
     """
-    if device != "cpu" and not torch.cuda.is_available():
-        device = "cpu"
+    device = resolve_device(device)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     if str(source) == "base":
         base = _load_base(base_model, cache_dir, device)

@@ -48,6 +48,7 @@ from learning.dataset import (
     encode_records,
     return_range,
 )
+from learning.devices import resolve_device
 from learning.ilql import (
     ILQLConfig,
     LossTerms,
@@ -98,6 +99,7 @@ class TrainConfig:
     value_bf16: bool | None = None  # None: bf16 for token level (|V|-wide CQL), fp32 for the small utterance heads
     checkpoint_every: int = 100
     time_limit_minutes: float | None = None
+    device: str = "auto"  # auto: CUDA where available (see learning.devices.resolve_device)
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
 
     def __post_init__(self) -> None:
@@ -131,16 +133,16 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """A hash of the settings that make a resumed run the same run."""
         data = self.to_dict()
-        for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir"):
+        for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir", "device"):
             data.pop(volatile, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def autocast(enabled: bool, device: str = "cpu") -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast where enabled (CPU or CUDA), a no-op otherwise."""
+def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on ``device_type`` (``cpu`` or ``cuda``) where enabled, a no-op otherwise."""
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int) -> None:
@@ -205,6 +207,15 @@ class FeatureTable:
     def __len__(self) -> int:
         return len(self.rewards)
 
+    def to(self, device: str | torch.device) -> FeatureTable:
+        """The same table on ``device`` (value steps then never leave it)."""
+        return FeatureTable(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in dataclasses.fields(self)
+            }
+        )
+
 
 @torch.no_grad()
 def build_feature_table(
@@ -222,13 +233,14 @@ def build_feature_table(
     """Run the frozen trunk once over the data and keep the hidden states at the positions ILQL reads."""
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    device = next(model.parameters()).device
     states, ends, actions, rewards, dones, next_rows, weights, decision, asks, success = ([] for _ in range(10))
     row = 0
     task_id = progress.add_task("features", total=len(items), terms="") if progress else None
     for start in range(0, len(order), batch_size):
         chunk = [items[i] for i in order[start : start + batch_size]]
-        batch = collate(chunk, pad_id)
-        with autocast(bf16):
+        batch = collate(chunk, pad_id).to(device)
+        with autocast(bf16, device.type):
             hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
         hidden = hidden.to(torch.bfloat16)
         for b, item in enumerate(chunk):
@@ -277,7 +289,7 @@ def build_feature_table(
             progress.advance(task_id, len(chunk))
     if progress is not None and task_id is not None:
         progress.remove_task(task_id)
-    return FeatureTable(
+    table = FeatureTable(
         states=torch.cat(states),
         ends=torch.cat(ends) if ends else None,
         actions=torch.tensor(actions, dtype=torch.long) if actions else None,
@@ -289,6 +301,7 @@ def build_feature_table(
         asks=torch.tensor(asks, dtype=torch.bool),
         success=torch.tensor(success, dtype=torch.bool),
     )
+    return table.to(device)
 
 
 def value_step_loss(
@@ -395,7 +408,10 @@ def train(
     seed_everything(config.seed)
     clock = _Clock(config.time_limit_minutes)
 
-    base = load_base_model(config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None)
+    device = torch.device(resolve_device(config.device))
+    base = load_base_model(
+        config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None, device=device
+    )
     tokenizer = base.tokenizer
     encoding = EncodingConfig(max_length=config.max_length, thumbs_weight=config.thumbs_weight)
     needs_reward = config.algorithm != "bc"
@@ -422,7 +438,7 @@ def train(
         model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
     embedding = output_embedding(model).detach()
     hidden_size = embedding.shape[1]
-    heads = ValueHeads(hidden_size, embedding.shape[0], config.ilql) if config.uses_values else None
+    heads = ValueHeads(hidden_size, embedding.shape[0], config.ilql).to(device) if config.uses_values else None
     if heads is not None and init_from is not None and (Path(init_from) / HEADS_FILE).is_file():
         saved = load_file(str(Path(init_from) / HEADS_FILE))
         if {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in heads.state_dict().items()}:
@@ -476,8 +492,8 @@ def train(
             while state["step"] < config.steps:
                 terms: dict[str, float] = {}
                 for _ in range(config.grad_accum):
-                    batch = collate(next(batches), tokenizer.pad_token_id)
-                    with autocast(config.bf16):
+                    batch = collate(next(batches), tokenizer.pad_token_id).to(device)
+                    with autocast(config.bf16, device.type):
                         loss, terms = _policy_loss(model, batch, embedding, heads if joint else None, config, returns)
                     (loss / config.grad_accum).backward()
                     tokens += batch.num_tokens
@@ -517,12 +533,13 @@ def train(
                     bf16=config.bf16,
                     progress=bar,
                 )
-            generator = torch.Generator().manual_seed(config.seed + state["value_step"])
+            generator = torch.Generator(device=device).manual_seed(config.seed + state["value_step"])
             task_id = bar.add_task("ilql: value", total=config.value_steps, completed=state["value_step"], terms="")
             started, seen = time.monotonic(), 0
             while state["value_step"] < config.value_steps:
                 rows = torch.multinomial(table.weights, config.value_batch_size, replacement=True, generator=generator)
-                with autocast(config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token"):
+                value_bf16 = config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token"
+                with autocast(value_bf16, device.type):
                     result = value_step_loss(heads, table, rows, embedding, returns)
                 result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(heads.trainable_parameters(), 1.0)
@@ -625,6 +642,11 @@ def _question_token_ids(tokenizer: Any) -> set[int]:
     return {i for token, i in tokenizer.get_vocab().items() if "?" in token}
 
 
+def save_heads(heads: ValueHeads, directory: Path) -> None:
+    """Write the value heads' weights (moved to the CPU) as ``heads.safetensors`` in ``directory``."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(directory / HEADS_FILE))
+
+
 def _tuple_state(value: Any) -> Any:
     return tuple(_tuple_state(v) for v in value) if isinstance(value, list) else value
 
@@ -642,7 +664,7 @@ def _save_resume(
     staging.mkdir(parents=True)
     save_lora(model, staging)  # type: ignore[arg-type]
     if heads is not None:
-        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(staging / HEADS_FILE))
+        save_heads(heads, staging)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -668,7 +690,7 @@ def _load_resume(
     set_peft_model_state_dict(model, adapter)
     if heads is not None and (directory / HEADS_FILE).is_file():
         heads.load_state_dict(load_file(str(directory / HEADS_FILE)))
-    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    saved = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(saved["optimizer"])
     if value_optimizer is not None and saved.get("value_optimizer"):
         value_optimizer.load_state_dict(saved["value_optimizer"])
@@ -689,7 +711,7 @@ def _write_checkpoint(
     def write(directory: Path) -> None:
         save_lora(model, directory)  # type: ignore[arg-type]
         if heads is not None:
-            save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(directory / HEADS_FILE))
+            save_heads(heads, directory)
 
     data = summary.to_dict() | _transitions_summary(items)
     path = save_checkpoint(

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from bot.commands import console
 from bot.settings import Settings
+from learning.devices import resolve_device
 
 if TYPE_CHECKING:
     from imagine.task import TaskSpec
@@ -54,7 +55,7 @@ def load_policies(
                 )
             policies.append(
                 load_policy(
-                    source, task=task, base_model=base_model, cache_dir=cache_dir, device=_resolve_device(device)
+                    source, task=task, base_model=base_model, cache_dir=cache_dir, device=resolve_device(device)
                 )
             )
     except BaseException:
@@ -101,14 +102,6 @@ def summary_table(report: EvaluationReport) -> Table:
             f"{result.seconds:.1f} s",
         )
     return table
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def register(app: typer.Typer) -> None:
