@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import pytest
@@ -240,6 +241,35 @@ def test_eval_command_writes_a_report_and_stores_episodes(tmp_path: Path, monkey
     assert (tmp_path / "data" / "reverie.db").is_file()
     bad = CliRunner().invoke(app, ["eval", "--task", "travel", "--policy", "scripted:genius", "--no-store"])
     assert bad.exit_code == 2 and "unknown scripted behaviour" in bad.output
+
+
+def test_eval_command_with_llm_users_on_an_openai_compatible_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reverie eval --users llm``: the real openai client plays users and judge against the fake server."""
+    from bot.cli import app
+    from tests.fakes.openai_server import FakeOpenAIServer, serve_in_thread
+
+    chat = PersonaPlayingChat()
+
+    async def respond(body: dict[str, Any]) -> str:
+        return await chat.complete(body["messages"])
+
+    monkeypatch.chdir(tmp_path)
+    with serve_in_thread(FakeOpenAIServer(respond)) as server:
+        env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test", "DATA_DIR": str(tmp_path / "data")}
+        args = ["eval", "--task", "travel", "--policy", "scripted:careful", "--policy", "scripted:eager"]
+        result = CliRunner().invoke(
+            app,
+            [*args, "--users", "llm", "--user-backend", "openai", "--episodes", "6", "--no-store", "--out", "out"],
+            env=env,
+        )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    rates = {p["name"]: p["success_rate"] for p in summary["policies"]}
+    assert rates["scripted:careful"] == 1.0 and rates["scripted:careful"] > rates["scripted:eager"]
+    assert any("judge" in r["messages"][0]["content"] for r in server.requests)  # the judge scored over HTTP
+    assert all(r["messages"][-1]["content"] for r in server.requests)
 
 
 def test_base_policy_from_a_tiny_model_can_be_evaluated(tmp_path: Path) -> None:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from bot.cli import app
-from tests.fakes.openai_server import FakeOpenAIServer, ImaginationResponder
+from tests.fakes.openai_server import FakeOpenAIServer, ImaginationResponder, serve_in_thread
 
 
 @pytest.fixture
@@ -21,22 +17,6 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env
     return {"DATA_DIR": str(tmp_path / "data"), "BASE_MODEL": "tiny", "LOG_LEVEL": "WARNING"}
-
-
-@contextmanager
-def fake_server_in_thread() -> Iterator[FakeOpenAIServer]:
-    """The CLI runs its own event loop, so the fake server gets a thread and a loop of its own."""
-    loop = asyncio.new_event_loop()
-    server = FakeOpenAIServer(ImaginationResponder(messy=True))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 def invoke(args: list[str], env: dict[str, str]):
@@ -49,7 +29,7 @@ def flat(text: str) -> str:
 
 
 def test_imagine_with_an_openai_compatible_server_then_export(env: dict[str, str], tmp_path: Path) -> None:
-    with fake_server_in_thread() as server:
+    with serve_in_thread(FakeOpenAIServer(ImaginationResponder(messy=True))) as server:
         env = {**env, "OPENAI_BASE_URL": server.base_url, "OPENAI_MODEL": "fake-model", "OPENAI_API_KEY": "sk-secret"}
         result = invoke(["imagine", "--task", "travel", "--n", "4", "--backend", "openai", "--seed", "1"], env)
         assert result.exit_code == 0, result.output

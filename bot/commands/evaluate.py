@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from learning.interface import Policy
 
 SCRIPTED_PREFIX = "scripted:"
+LOCAL_USER_BATCH = 32  # LLM users on the local base model: replies generated together
 
 
 def load_policies(
@@ -65,25 +66,16 @@ def load_policies(
     return policies
 
 
-def make_user_backend(settings: Settings, kind: str, base_model: str) -> Any:
-    """The chat backend LLM users (and their judge) run on: ``openai`` (settings) or ``local`` (the base model)."""
-    from imagine.backends import make_backend
+def make_user_backend(settings: Settings, kind: str, base_model: str, seed: int) -> Any:
+    """The chat backend LLM users (and their judge) run on: ``openai`` (settings) or ``local`` (the base model).
 
-    if kind == "openai":
-        api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-        return make_backend(
-            "openai",
-            model=settings.openai_model,
-            base_url=settings.openai_base_url,
-            api_key=api_key,
-            concurrency=settings.openai_concurrency,
-            timeout_s=settings.openai_timeout_s,
-            max_retries=settings.openai_max_retries,
-        )
-    from learning.base_model import load_base_model
+    ``scripted`` (a valid imagination backend without a chat model) means the local base model here.
+    """
+    from bot.commands.imagine import build_backend
 
-    loaded = load_base_model(base_model, cache_dir=settings.resolved_model_cache_dir)
-    return make_backend("local", model=(loaded.model, loaded.tokenizer), model_name=loaded.model_id)
+    kind = "local" if kind == "scripted" else kind
+    concurrency = settings.openai_concurrency if kind == "openai" else LOCAL_USER_BATCH
+    return build_backend(settings, kind, concurrency=concurrency, seed=seed, base_model=base_model)
 
 
 def summary_table(report: EvaluationReport) -> Table:
@@ -185,9 +177,8 @@ async def _run(
     from bot.context import open_store
     from learning.evaluation import evaluate_async
 
-    backend = (
-        make_user_backend(settings, user_backend or settings.imagine_backend, base_model) if users == "llm" else None
-    )
+    kind = user_backend or settings.imagine_backend
+    backend = make_user_backend(settings, kind, base_model, seed) if users == "llm" else None
     try:
         options: dict[str, Any] = {
             "users": users,

@@ -25,9 +25,19 @@ BACKENDS = ("openai", "local", "scripted")
 
 
 def build_backend(
-    settings: Settings, kind: str, *, concurrency: int, seed: int, threads: int | None = None
+    settings: Settings,
+    kind: str,
+    *,
+    concurrency: int,
+    seed: int,
+    threads: int | None = None,
+    base_model: str | None = None,
 ) -> ChatBackend:
-    """The configured LLM backend: an OpenAI-compatible server, or the base model on this machine."""
+    """The configured LLM backend: an OpenAI-compatible server, or the base model on this machine.
+
+    ``base_model`` overrides ``settings.base_model`` for the local backend; ``concurrency`` is the server's
+    request limit or the local model's batch size.
+    """
     if kind == "openai":
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
         return make_backend(
@@ -43,7 +53,7 @@ def build_backend(
     if kind == "local":
         from learning.base_model import load_base_model
 
-        loaded = load_base_model(settings.base_model, cache_dir=settings.resolved_model_cache_dir)
+        loaded = load_base_model(base_model or settings.base_model, cache_dir=settings.resolved_model_cache_dir)
         return make_backend(
             "local",
             model=(loaded.model, loaded.tokenizer),

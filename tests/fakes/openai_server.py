@@ -14,9 +14,11 @@ import inspect
 import itertools
 import json
 import re
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +170,21 @@ class FakeOpenAIServer:
         headers = {"retry-after": str(retry_after)} if retry_after is not None else {}
         payload = {"error": {"message": message, "type": "fake_error", "param": param, "code": str(status)}}
         return web.Response(status=status, text=json.dumps(payload), content_type="application/json", headers=headers)
+
+
+@contextmanager
+def serve_in_thread(server: FakeOpenAIServer) -> Iterator[FakeOpenAIServer]:
+    """Run ``server`` on a loop of its own in a thread, for code under test that runs its own event loop (the CLI)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 class ImaginationResponder:

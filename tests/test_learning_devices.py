@@ -1,0 +1,53 @@
+"""Device choice and moving batches/feature tables (CUDA itself is exercised by bench/rl_vs_bc.py on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learning.dataset import Batch
+from learning.devices import resolve_device
+from learning.trainer import FeatureTable, TrainConfig
+
+
+def test_auto_picks_cuda_only_where_there_is_one() -> None:
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without a GPU")
+def test_configured_cuda_falls_back_to_cpu_without_a_gpu() -> None:
+    assert resolve_device("cuda") == "cpu"
+    assert resolve_device("cuda:1") == "cpu"
+
+
+def test_the_device_is_not_part_of_a_runs_identity() -> None:
+    # a run interrupted on a GPU machine may resume on the CPU (and the other way round)
+    assert TrainConfig(device="cpu").fingerprint() == TrainConfig(device="cuda").fingerprint()
+
+
+def test_batches_and_feature_tables_move_whole() -> None:
+    batch = Batch(
+        *(
+            torch.ones(2, 3, dtype=dtype)
+            for dtype in (torch.long, torch.long, torch.bool, torch.float, torch.bool, torch.long)
+        )
+    )
+    moved = batch.to("meta")
+    assert all(getattr(moved, name).device.type == "meta" for name in Batch.__dataclass_fields__)
+    assert moved.input_ids.dtype == torch.long and moved.rewards.dtype == torch.float
+    table = FeatureTable(
+        states=torch.zeros(4, 8),
+        ends=None,
+        actions=torch.arange(4),
+        rewards=torch.tensor([0.0, 0.0, 0.0, 1.0]),
+        dones=torch.tensor([False, False, False, True]),
+        next_rows=torch.tensor([1, 2, 3, -1]),
+        weights=torch.ones(4),
+        decision=torch.ones(4, dtype=torch.bool),
+        asks=torch.zeros(4, dtype=torch.bool),
+        success=torch.ones(4, dtype=torch.bool),
+    )
+    on_meta = table.to("meta")
+    assert on_meta.ends is None and len(on_meta) == 4
+    assert {getattr(on_meta, n).device.type for n in FeatureTable.__dataclass_fields__ if n != "ends"} == {"meta"}
