@@ -66,11 +66,14 @@ def decode(
     collect_hidden: bool = False,
     value_model: torch.nn.Module | None = None,
     should_stop: Callable[[], bool] | None = None,
+    repeats: int = 1,
 ) -> Decoded:
     """Generate one reply per prompt with the KV cache; ILQL-guided when ``heads`` and ``config.beta`` are set.
 
     ``value_model`` (the base model without the adapter) runs in lockstep with its own KV cache when the value
     heads read its hidden states rather than the policy's; collected hidden states then come from it too.
+    ``repeats`` samples that many replies per prompt (rows ``i·repeats … i·repeats + repeats − 1``): each
+    prompt is encoded once and its KV cache copied, rather than encoding the same prompt ``repeats`` times.
     """
     decoder = trunk(model)
     value_decoder = trunk(value_model) if value_model is not None else None
@@ -81,7 +84,7 @@ def decode(
     device = embedding.device
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    batch = ids.shape[0]
+    batch = ids.shape[0] * repeats
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -115,6 +118,14 @@ def decode(
                 )
             value_hidden = value_out.last_hidden_state[:, -1].float()
             value_cache = value_out.past_key_values
+        if step == 0 and repeats > 1:  # the prompts are encoded once: from here on, `repeats` rows per prompt
+            hidden = hidden.repeat_interleave(repeats, dim=0)
+            value_hidden = value_hidden.repeat_interleave(repeats, dim=0)
+            cache.batch_repeat_interleave(repeats)
+            if value_decoder is not None:
+                value_cache.batch_repeat_interleave(repeats)
+            mask = mask.repeat_interleave(repeats, dim=0)
+            step_positions = step_positions.repeat_interleave(repeats, dim=0)
         if collect_hidden:
             if state_hidden is None:
                 state_hidden, end_hidden = value_hidden.clone(), torch.zeros_like(value_hidden)
@@ -169,13 +180,12 @@ def rerank_utterances(
 ) -> tuple[list[list[int]], list[float]]:
     """Sample ``config.candidates`` replies per prompt and keep the one with the highest ``Q̄(s, u) − V(s)``."""
     k = max(config.candidates, 1)
-    expanded = [p for p in prompts for _ in range(k)]
     sampling = DecodeConfig(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, bf16=config.bf16
     )
     decoded = decode(
         model,
-        expanded,
+        prompts,
         end_id=end_id,
         pad_id=pad_id,
         config=sampling,
@@ -183,6 +193,7 @@ def rerank_utterances(
         collect_hidden=True,
         value_model=value_model,
         should_stop=should_stop,
+        repeats=k,
     )
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)

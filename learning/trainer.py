@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -353,6 +354,74 @@ def decision_diagnostics(heads: ValueHeads, table: FeatureTable, embedding: torc
     return out
 
 
+# --- data parallelism -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Replicas:
+    """This process's place among data-parallel replicas (``accelerate launch``/``torchrun``), or a lone process.
+
+    Every replica holds the whole (small) LoRA model, draws its own batches and averages gradients before each
+    optimizer step: DDP's arithmetic with accelerate's process group. The main replica alone saves checkpoints
+    and trains the value heads (cheap, on cached features).
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def join(cls, device: str) -> Replicas:
+        """Join the launched process group when ``WORLD_SIZE`` > 1; otherwise a single replica on ``device``."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(torch.device(resolve_device(device)))
+        from accelerate import PartialState
+
+        state = PartialState(cpu=resolve_device(device) == "cpu")
+        return cls(state.device, state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this replica writes files and logs progress."""
+        return self.rank == 0
+
+    def average_gradients(self, parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over the replicas (one all-reduce of the flattened gradients)."""
+        if self.world_size == 1:
+            return
+        with_grad = [p for p in parameters if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in with_grad:
+            p.grad.copy_(flat[offset : offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+    def any(self, flag: bool) -> bool:
+        """``flag`` on any replica (so that all of them take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def summary(self, parameters: Sequence[torch.nn.Parameter]) -> dict[str, Any]:
+        """``world_size`` and, with several replicas, whether their trained weights are still identical."""
+        if self.world_size == 1:
+            return {"world_size": 1}
+        checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+        spread = torch.cat([checksum, -checksum]).to(self.device)
+        torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+        in_sync = bool((spread[0] + spread[1]).abs().item() <= 1e-9 * max(1.0, abs(checksum.item())))
+        return {"world_size": self.world_size, "replicas_in_sync": in_sync}
+
+    def wait(self) -> None:
+        """A barrier (no-op for a single replica)."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
 # --- the run ----------------------------------------------------------------------------------------------
 
 
@@ -408,7 +477,8 @@ def train(
     seed_everything(config.seed)
     clock = _Clock(config.time_limit_minutes)
 
-    device = torch.device(resolve_device(config.device))
+    replicas = Replicas.join(config.device)  # one process, or this one's place in an `accelerate launch` job
+    device = replicas.device
     base = load_base_model(
         config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None, device=device
     )
@@ -449,7 +519,7 @@ def train(
         batch_size=config.batch_size,
         real_ratio=config.real_ratio,
         source_weights=config.source_weights,
-        seed=config.seed,
+        seed=config.seed + replicas.rank,  # each replica draws its own batches; gradients are averaged
     )
     lora_params = [p for p in model.parameters() if p.requires_grad]
     joint = heads is not None and config.ilql.level == "token" and config.ilql.trunk_grad
@@ -466,13 +536,17 @@ def train(
         if saved_state.get("fingerprint") == config.fingerprint():
             _load_resume(resume, model, heads, optimizer, value_optimizer)
             state = saved_state
-            sampler.random.setstate(_tuple_state(saved_state["sampler_rng"]))
+            sampler.random.setstate(_tuple_state(saved_state["sampler_rng"]))  # the main replica's
+            if replicas.rank:
+                sampler.random.seed(config.seed * 1_000_003 + replicas.rank * 1009 + state["step"])
             torch.set_rng_state(torch.tensor(saved_state["torch_rng"], dtype=torch.uint8))
             logger.info("resuming from %s at %s step %d", resume, state["stage"], state["step"])
         else:
             logger.warning("ignoring %s: it belongs to a run with other settings", resume)
 
     def periodic_save() -> None:
+        if not replicas.is_main:
+            return
         state["fingerprint"] = config.fingerprint()
         state["sampler_rng"] = sampler.random.getstate()
         state["torch_rng"] = torch.get_rng_state().tolist()
@@ -480,7 +554,7 @@ def train(
 
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     interrupted = False
-    with _progress(progress) as bar:
+    with _progress(progress and replicas.is_main) as bar:
         # --- stage 1: policy (λ_bc·L_BC; joint ILQL adds L_Q + L_V + λ_cql·L_CQL) -------------------------
         if state["stage"] == "policy" and state["step"] < config.steps:
             model.train()
@@ -497,6 +571,7 @@ def train(
                         loss, terms = _policy_loss(model, batch, embedding, heads if joint else None, config, returns)
                     (loss / config.grad_accum).backward()
                     tokens += batch.num_tokens
+                replicas.average_gradients(policy_params)
                 torch.nn.utils.clip_grad_norm_(policy_params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -511,14 +586,16 @@ def train(
                 if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
                     state["metrics"] = metrics
                     periodic_save()
-                if clock.expired():
+                if replicas.any(clock.expired()):  # every replica stops at the same step
                     interrupted = True
                     break
             bar.remove_task(task_id)
-        if not interrupted and heads is not None and not joint:
+        if not interrupted and heads is not None and not joint and replicas.is_main:
+            # the value stage trains small heads on cached features: the main replica alone does it
             state["stage"] = "value"
         # --- stage 2: value heads on the frozen policy trunk --------------------------------------------
-        if state["stage"] == "value" and heads is not None and value_optimizer is not None and not interrupted:
+        value_stage = state["stage"] == "value" and heads is not None and value_optimizer is not None
+        if value_stage and replicas.is_main and not interrupted:
             model.eval()
             probabilities = _item_probabilities(sampler)
             features_from_base = config.ilql.value_features == "base" and hasattr(model, "disable_adapter")
@@ -565,6 +642,7 @@ def train(
             metrics.update(decision_diagnostics(heads, table, embedding))
             logger.info("decision-point diagnostics: %s", {k: round(v, 3) for k, v in metrics.items() if k[0] in "QV"})
 
+    metrics.update(replicas.summary(lora_params))
     metrics.update(
         policy_steps=state["step"],
         value_steps=state["value_step"],
@@ -575,11 +653,13 @@ def train(
     if heads is not None:
         metrics["heads_parameters"] = heads.parameter_count()
         metrics["heads_bytes"] = heads.size_bytes()
-    path = _write_checkpoint(
-        out_dir, model, heads, config, base.model_id, metrics, summary, items, hidden_size, embedding.shape[0]
-    )
-    shutil.rmtree(resume, ignore_errors=True)
-    return path
+    if replicas.is_main:
+        _write_checkpoint(
+            out_dir, model, heads, config, base.model_id, metrics, summary, items, hidden_size, embedding.shape[0]
+        )
+        shutil.rmtree(resume, ignore_errors=True)
+    replicas.wait()
+    return out_dir
 
 
 def _policy_loss(

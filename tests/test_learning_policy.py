@@ -265,3 +265,21 @@ def test_decode_stops_when_asked() -> None:
     )
     assert max(len(t) for t in full.tokens) > 3
     assert all(len(t) <= 3 for t in cut.tokens)
+
+
+def test_repeats_encode_each_prompt_once_and_sample_as_if_it_were_copied() -> None:
+    from learning.decoding import DecodeConfig, decode
+
+    model, tokenizer = tiny_model()
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("a much longer prompt than the first one")]
+    config = DecodeConfig(max_new_tokens=12, temperature=1.0, top_k=0, bf16=False)
+    pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
+    options = {"end_id": end, "pad_id": pad, "config": config, "collect_hidden": True}
+    copied = decode(
+        model, [p for p in prompts for _ in range(3)], generator=torch.Generator().manual_seed(1), **options
+    )
+    shared = decode(model, prompts, repeats=3, generator=torch.Generator().manual_seed(1), **options)
+    assert shared.tokens == copied.tokens and len(shared.tokens) == 6
+    assert len({tuple(t) for t in shared.tokens[:3]}) > 1  # three samples of one prompt, not one sample thrice
+    assert torch.allclose(shared.state_hidden, copied.state_hidden, atol=1e-4)
+    assert torch.allclose(shared.end_hidden, copied.end_hidden, atol=1e-4)

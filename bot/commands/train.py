@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         base_model: str = typer.Option(None, help="smollm2 | tiny | a path (default BASE_MODEL)."),
         seed: int = typer.Option(0),
         batch_size: int = typer.Option(None),
+        device: str = typer.Option(None, help="auto | cpu | cuda (default DEVICE)."),
         time_limit_minutes: float = typer.Option(None, help="Stop and save when this much time has passed."),
         quiet: bool = typer.Option(False, help="No progress bar."),
     ) -> None:
@@ -63,6 +64,7 @@ def register(app: typer.Typer) -> None:
                 real_ratio=settings.improve_real_ratio if real_ratio is None else real_ratio,
                 seed=seed,
                 time_limit_minutes=time_limit_minutes,
+                device=device or settings.device,
             )
             if value_steps is not None:
                 config.value_steps = value_steps
