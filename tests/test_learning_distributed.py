@@ -1,4 +1,9 @@
-"""The trainer under ``accelerate launch``: two CPU replicas (gloo) train one LoRA policy data-parallel."""
+"""The trainer data-parallel: two CPU replicas (gloo) train one LoRA policy.
+
+``accelerate launch --multi_gpu`` starts its processes through ``torch.distributed.run`` (torchrun); on CPUs
+accelerate wants MPI, so the test launches torchrun itself: the same environment contract (``WORLD_SIZE``,
+``RANK``, ``MASTER_ADDR``/``PORT``) that accelerate's ``PartialState`` joins.
+"""
 
 from __future__ import annotations
 
@@ -27,17 +32,17 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(600)
-def test_two_replicas_under_accelerate_launch_train_one_policy(tmp_path: Path) -> None:
+def test_two_replicas_train_one_policy_with_averaged_gradients(tmp_path: Path) -> None:
     dialogues = tmp_path / "dialogues.jsonl"
     records = generate_scripted_dialogues("travel", 16, seed=0)
     dialogues.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "ckpt"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port())]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     train = ["-m", "bot.cli", "train", "--algo", "ilql", "--base-model", "tiny", "--dialogues", str(dialogues)]
     train += ["--steps", "3", "--value-steps", "4", "--batch-size", "2", "--out", str(out), "--quiet"]
     env = os.environ | {"DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1", "LOG_LEVEL": "WARNING"}
+    env["DEVICE"] = "cpu"  # gloo on CPUs even where a GPU is present
     result = subprocess.run(
         [*launch, *train], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False
     )
