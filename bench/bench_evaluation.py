@@ -7,11 +7,9 @@ Prints a rich table and appends a Markdown section to BENCHMARKS.md with the rep
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +17,10 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
+
+SECTION = "Simulated users: generation and evaluation throughput"
 
 from imagine.simulated import BEHAVIOURS, BehaviourPolicy, generate_scripted_dialogues  # noqa: E402
 from imagine.task import load_task  # noqa: E402
@@ -81,23 +83,16 @@ def main() -> None:
         table.add_row(label, f"{count} {unit}", f"{seconds:.2f}", f"{count / seconds:,.0f}", note)
     Console().print(table)
     if not args.no_append:
-        command = "    .venv/bin/python bench/bench_evaluation.py " + " ".join(sys.argv[1:])
         lines = [
+            run_heading(reproduce_command(__file__)),
             "",
-            f"## Simulated users: generation and evaluation throughput ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
-            "",
-            f"Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
-            "CPU only; reproduce with:",
-            "",
-            command.rstrip(),
+            f"Machine: {machine()}, CPU only.",
             "",
             "| what | count | seconds | per second | result |",
             "|---|---:|---:|---:|---|",
             *[f"| {lbl} | {n} {u} | {s:.2f} | {n / s:,.0f} | {note} |" for lbl, u, n, s, note in rows],
-            "",
         ]
-        with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
+        write_section(SECTION, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.benchmarks_md import reproduce_command, run_heading, write_section  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -51,7 +52,7 @@ from rich.progress import (  # noqa: E402
 from rich.table import Table  # noqa: E402
 from rich.text import Text  # noqa: E402
 
-SECTION = "## Telegram bot load (bench/bot_load.py)"
+SECTION = "Telegram bot load (bench/bot_load.py)"
 USER_ID_BASE = 50_000
 REPLY_TIMEOUT_S = 300.0
 
@@ -192,7 +193,7 @@ def rich_table(results: list[LoadResult]) -> Table:
 def markdown(results: list[LoadResult], command: str, args: argparse.Namespace) -> str:
     """A markdown table with the reproducing command and the machine."""
     lines = [
-        f"### {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{command}`",
+        run_heading(command),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {args.threads}, "
         f"max {args.max_new_tokens} new tokens, load average "
@@ -209,19 +210,6 @@ def markdown(results: list[LoadResult], command: str, args: argparse.Namespace) 
             f"{r.p50_s:.3f} | {r.p99_s:.3f} | {r.throughput:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def append_to_benchmarks(path: Path, block: str) -> None:
-    """Append ``block`` at the end of this bench's own section (created at the end of the file if missing)."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}"
-    else:
-        head, _, rest = text.partition(SECTION)
-        following = rest.find("\n## ")  # other benches' sections stay as they are
-        mine, tail = (rest, "") if following == -1 else (rest[:following], rest[following:])
-        text = head + SECTION + mine.rstrip("\n") + "\n\n" + block + tail
-    path.write_text(text, encoding="utf-8")
 
 
 async def load_series(label: str, policy: object, args: argparse.Namespace, progress: Progress) -> list[LoadResult]:
@@ -346,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("bot.service", "learning.policy"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     results = asyncio.run(main_async(args))
-    command = "python bench/bot_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = reproduce_command(__file__, argv)
     if not args.no_write:
-        append_to_benchmarks(args.benchmarks, markdown(results, command.strip(), args))
+        write_section(SECTION, markdown(results, command.strip(), args), path=args.benchmarks)
     return 0 if all(r.lost == 0 and r.turns_logged == r.messages for r in results) else 1
 
 

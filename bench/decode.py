@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
+import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
 from imagine.task import load_task  # noqa: E402
 from learning.base_model import load_base_model  # noqa: E402
 from learning.decoding import DecodeConfig, decode, rerank_utterances  # noqa: E402
@@ -153,23 +153,17 @@ def main() -> None:
         table.add_row(label, f"{rate:.1f}", f"{rate / single:.2f}×")
     console.print(table)
     if not args.no_append:
-        command = " ".join([".venv/bin/python bench/decode.py", *sys.argv[1:]])
         lines = [
+            run_heading(reproduce_command(__file__)),
             "",
-            f"## Decoding throughput ({base_model})",
-            "",
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU shared with other jobs, torch "
-            f"{torch.__version__}, {args.threads} threads, {n} tokens per reply, top-k 20, temperature 0.7.",
+            f"{machine()}, torch {torch.__version__}, {args.threads} threads, load average "
+            f"{os.getloadavg()[0]:.1f} at the end, {n} tokens per reply, top-k 20, temperature 0.7.",
             "",
             "| method | reply tokens/s | × HF generate (1 stream) |",
             "|---|---|---|",
             *(f"| {label} | {rate:.1f} | {rate / single:.2f}× |" for label, rate in rows),
-            "",
-            f"Reproduce: `{command}`",
-            "",
         ]
-        with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
+        write_section(f"Decoding throughput ({base_model})", "\n".join(lines))
 
 
 if __name__ == "__main__":

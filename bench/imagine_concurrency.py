@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))  # for tests.fakes when run as a script
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench.benchmarks_md import reproduce_command, write_section  # noqa: E402
 from imagine.backends import make_backend  # noqa: E402
 from imagine.engine import ImaginationEngine, ImagineConfig  # noqa: E402
 from imagine.task import load_task  # noqa: E402
 
-SECTION = "## Imagination engine: dialogues per minute vs concurrency"
+SECTION = "Imagination engine: dialogues per minute vs concurrency"
 console = Console()
 
 
@@ -64,19 +65,6 @@ async def measure(base_url: str, concurrency: int, n: int, critique: bool) -> di
         "requests_per_s": report.usage["requests"] / elapsed,
         "cpu_ms_per_request": cpu / report.usage["requests"] * 1000,
     }
-
-
-def update_benchmarks(markdown: str) -> None:
-    """Replace this bench's section of BENCHMARKS.md (or append it); other sections stay as they are."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        following = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + markdown + (text[following + 1 :] if following != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + markdown
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -141,14 +129,8 @@ def main() -> None:
     console.print(table)
     if args.quick or args.no_append:
         return
-    command = "`.venv/bin/python bench/imagine_concurrency.py" + (
-        f" --latency-ms {args.latency_ms:g}" if args.latency_ms != 200 else ""
-    )
-    command += (" --no-critique" if args.no_critique else "") + "`"
     markdown = "\n".join(
         [
-            SECTION,
-            "",
             f"The real `openai` client and the whole pipeline (persona → dialogue → critique, parsing, de-duplication) "
             f"against `tests/fakes/openai_server.py` answering every request after {args.latency_ms:g} ms "
             f"(server in a child process). Each dialogue costs about 2.1 requests. Measured "
@@ -157,11 +139,10 @@ def main() -> None:
             "",
             *lines,
             "",
-            f"Reproduce: {command}",
-            "",
+            f"Reproduce: `{reproduce_command(__file__)}`",
         ]
     )
-    update_benchmarks(markdown)
+    write_section(SECTION, markdown, replace=True)  # the latest run describes the engine as it is
     console.print("updated BENCHMARKS.md")
 
 

@@ -29,7 +29,6 @@ import shutil
 import sys
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.benchmarks_md import reproduce_command, run_heading, write_section  # noqa: E402
 from imagine.simulated import generate_scripted_dialogues  # noqa: E402
 from imagine.task import load_task  # noqa: E402
 from learning.checkpoint import load_manifest  # noqa: E402
@@ -196,7 +196,7 @@ def main() -> None:
         "failures": failures,
         "timings_s": timings,
         "eval_seconds": eval_seconds,
-        "command": reproduce_command(),
+        "command": reproduce_command(__file__),
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     if not args.no_append:
@@ -255,10 +255,6 @@ def device_description(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def reproduce_command() -> str:
-    return " ".join([".venv/bin/python bench/rl_vs_bc.py", *sys.argv[1:]])
-
-
 def append_markdown(
     args: argparse.Namespace,
     rows: list[tuple[str, ...]],
@@ -273,10 +269,9 @@ def append_markdown(
     plot: Path,
 ) -> None:
     lines = [
+        run_heading(reproduce_command(__file__)),
         "",
-        f"## RL vs BC on scripted travel users ({base_model}{', quick' if args.quick else ''})",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {device_description(device)}. Data: {n_dialogues} scripted "
+        f"{device_description(device)}. Data: {n_dialogues} scripted "
         f"dialogues (behaviour success {data_success:.1%}); BC {bc_steps} steps × batch {args.batch_size}; ILQL "
         f"value stage {value_steps} steps (token level: a fifth) on base-trunk features; evaluation on "
         f"{episodes} held-out personas (seed 1000). Paired differences are in points of success over the same "
@@ -288,12 +283,10 @@ def append_markdown(
         "",
         *(f"- {name} failed: {reason}" for name, reason in failures.items()),
         f"![success rates]({plot.relative_to(ROOT).as_posix()})",
-        "",
-        f"Reproduce: `{reproduce_command()}`",
-        "",
     ]
-    with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+    write_section(
+        f"RL vs BC on scripted travel users ({base_model}{', quick' if args.quick else ''})", "\n".join(lines)
+    )
     console.print(json.dumps({"appended": "BENCHMARKS.md", "plot": str(plot)}))
 
 

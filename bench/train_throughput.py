@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import resource
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -31,6 +30,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
 
 ROWS = {
     "sft": "plain LoRA SFT (HF loss)",
@@ -165,24 +166,18 @@ def main() -> None:
         table.add_row(*cells)
     console.print(table)
     if not args.no_append:
-        command = " ".join([".venv/bin/python bench/train_throughput.py", *sys.argv[1:]])
         lines = [
+            run_heading(reproduce_command(__file__)),
             "",
-            f"## Training throughput ({base_model})",
-            "",
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU shared with other jobs, torch "
-            f"{torch.__version__}, {args.threads} threads, {args.steps} timed steps after one warm-up, batch "
+            f"{machine()}, torch {torch.__version__}, {args.threads} threads, load average "
+            f"{os.getloadavg()[0]:.1f} at the end, {args.steps} timed steps after one warm-up, batch "
             f"{args.batch_size} scripted travel dialogues, LoRA r=8 on q/k/v/o.",
             "",
             "| method | tokens/s | × plain SFT | peak RSS MB | heads params | heads MB |",
             "|---|---|---|---|---|---|",
             *(f"| {' | '.join(r)} |" for r in rows),
-            "",
-            f"Reproduce: `{command}`",
-            "",
         ]
-        with (ROOT / "BENCHMARKS.md").open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
+        write_section(f"Training throughput ({base_model})", "\n".join(lines))
 
 
 if __name__ == "__main__":
