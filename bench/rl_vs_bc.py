@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--beta", default=None, help="token-level ILQL β at decoding; a list evaluates each")
+    parser.add_argument("--tau", type=float, default=None, help="ILQL expectile τ (default: ILQLConfig's 0.7)")
     parser.add_argument("--candidates", default=None, help="utterance-level ILQL K at decoding; a list evaluates each")
     parser.add_argument("--algos", default="bc,fbc,ilql-utterance,ilql-token", help="comma-separated")
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
@@ -119,8 +121,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     failures: dict[str, str] = {}
 
-    def run(name: str, config: TrainConfig, init_from: Path | None = None) -> None:
-        out = work / name
+    def run(name: str, config: TrainConfig, init_from: Path | None = None, directory: str | None = None) -> None:
+        out = work / (directory or name)
         if args.skip_existing and (out / "manifest.json").is_file():
             console.print(f"reusing {out}")
             checkpoints[name] = out
@@ -141,11 +143,12 @@ def main() -> None:
     for name in algos:  # in the order given: the most informative first when time is short
         if name.startswith("ilql-") and "bc" in checkpoints:
             level = name.removeprefix("ilql-")
-            config = TrainConfig(algorithm=name, steps=0, ilql=ILQLConfig(level=level), **common)  # type: ignore[arg-type]
+            ilql = ILQLConfig(level=level) if args.tau is None else ILQLConfig(level=level, tau=args.tau)  # type: ignore[arg-type]
+            config = TrainConfig(algorithm=name, steps=0, ilql=ilql, **common)  # type: ignore[arg-type]
             if level == "token" and args.value_steps is None:
                 config.value_steps = value_steps // 5  # each step is |V|-wide (CQL): fewer, costlier steps
             # the policy stage is the BC checkpoint: ILQL differs from BC only by its value heads
-            run(name, config, init_from=checkpoints["bc"])
+            run(name, config, init_from=checkpoints["bc"], directory=checkpoint_name(name, args.tau))
         elif name == "fbc":
             successes = sum((r.reward or 0) >= 1 for r in records)
             fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
@@ -200,7 +203,8 @@ def main() -> None:
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     if not args.no_append:
-        plot = ROOT / "bench" / "results" / f"rl_vs_bc-{'quick' if quick else base_model}.png"
+        stamp = f"{datetime.now(UTC):%Y%m%d-%H%M}"  # one plot per run, beside its table
+        plot = ROOT / "bench" / "results" / f"rl_vs_bc-{'quick' if quick else base_model}-{stamp}.png"
         plot.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(files.plot, plot)
         append_markdown(
@@ -246,6 +250,11 @@ def result_rows(
             )
         )
     return rows
+
+
+def checkpoint_name(algorithm: str, tau: float | None) -> str:
+    """``ilql-utterance`` or, with a non-default expectile, ``ilql-utterance-tau0.9`` (runs never overwrite)."""
+    return algorithm if tau is None else f"{algorithm}-tau{tau:g}"
 
 
 def device_description(device: str) -> str:
