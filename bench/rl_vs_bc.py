@@ -70,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
     parser.add_argument("--eval-batch", type=int, default=64, help="episodes decoded together (GPU: 200)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-base", action="store_true", help="leave the prompted base model out (slow on a CPU)")
     parser.add_argument("--max-length", type=int, default=320, help="tokens per training sequence")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "rl_vs_bc")
     parser.add_argument("--skip-existing", action="store_true", help="reuse checkpoints found in --work-dir")
@@ -154,7 +155,9 @@ def main() -> None:
             fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
             run("fbc", TrainConfig(algorithm="fbc", steps=fbc_steps, **common))
 
-    policies = [load_policy("base", task=task, base_model=base_model, max_new_tokens=40, device=device)]
+    policies: list[LearnedPolicy] = []
+    if not args.no_base:
+        policies.append(load_policy("base", task=task, base_model=base_model, max_new_tokens=40, device=device))
     trained: dict[str, str] = {}  # evaluated policy name → checkpoint name
     for name in algos:
         if name not in checkpoints:
