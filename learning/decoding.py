@@ -120,9 +120,11 @@ def decode(
             value_cache = value_out.past_key_values
         if step == 0 and repeats > 1:  # the prompts are encoded once: from here on, `repeats` rows per prompt
             hidden = hidden.repeat_interleave(repeats, dim=0)
-            value_hidden = value_hidden.repeat_interleave(repeats, dim=0)
             cache.batch_repeat_interleave(repeats)
-            if value_decoder is not None:
+            if value_decoder is None:
+                value_hidden = hidden  # the policy's own states: nothing more to copy
+            else:
+                value_hidden = value_hidden.repeat_interleave(repeats, dim=0)
                 value_cache.batch_repeat_interleave(repeats)
             mask = mask.repeat_interleave(repeats, dim=0)
             step_positions = step_positions.repeat_interleave(repeats, dim=0)
