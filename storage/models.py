@@ -87,6 +87,7 @@ class PolicyStatus(StrEnum):
     ACTIVE = "active"
     RETIRED = "retired"
     REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"  # left by /rollback: never comes back by another rollback
 
 
 class RunStatus(StrEnum):
@@ -119,7 +120,10 @@ class PolicyVersion(SQLModel, table=True):
 class Conversation(SQLModel, table=True):
     """One episode: a real chat, an imagined dialogue or an evaluation episode."""
 
-    __table_args__ = (Index("ix_conversation_training", "source", "ended_at"),)
+    __table_args__ = (
+        Index("ix_conversation_training", "source", "ended_at"),
+        Index("ix_conversation_idempotency_key", "idempotency_key", unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     source: str = Field(index=True, max_length=16)
@@ -138,12 +142,18 @@ class Conversation(SQLModel, table=True):
     reward: float | None = None
     reward_source: str | None = Field(default=None, max_length=32)
     consent: bool = Field(default=True, description="May this conversation be used for training?")
+    #: Set by the writer before its first attempt, so a retry after a lost commit acknowledgement finds
+    #: the row it already wrote instead of writing a second one.
+    idempotency_key: str | None = Field(default=None, max_length=64)
 
 
 class Turn(SQLModel, table=True):
     """One utterance of a conversation."""
 
-    __table_args__ = (UniqueConstraint("conversation_id", "index", name="uq_turn_position"),)
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "index", name="uq_turn_position"),
+        Index("ix_turn_idempotency_key", "idempotency_key", unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(
@@ -157,12 +167,16 @@ class Turn(SQLModel, table=True):
         default=None, sa_column=Column(Integer, ForeignKey("policyversion.id", ondelete="SET NULL"))
     )
     latency_ms: float | None = None
+    idempotency_key: str | None = Field(default=None, max_length=64)  # see Conversation.idempotency_key
 
 
 class Feedback(SQLModel, table=True):
     """Feedback on a turn (👍/👎) or on a whole conversation (rating, text)."""
 
-    __table_args__ = (UniqueConstraint("turn_id", "user_key", "kind", name="uq_feedback_once"),)
+    __table_args__ = (
+        UniqueConstraint("turn_id", "user_key", "kind", name="uq_feedback_once"),
+        Index("ix_feedback_idempotency_key", "idempotency_key", unique=True),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     conversation_id: int = Field(
@@ -176,6 +190,7 @@ class Feedback(SQLModel, table=True):
     value: float | None = None
     text: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    idempotency_key: str | None = Field(default=None, max_length=64)  # see Conversation.idempotency_key
 
 
 class TrainingRun(SQLModel, table=True):
@@ -199,7 +214,23 @@ class TrainingRun(SQLModel, table=True):
 class DataDeletion(SQLModel, table=True):
     """A ``/forget`` tombstone: training runs already under way drop this user's dialogues too."""
 
+    __table_args__ = (Index("ix_datadeletion_idempotency_key", "idempotency_key", unique=True),)
+
     id: int | None = Field(default=None, primary_key=True)
     user_key: str = Field(index=True, max_length=128)
     deleted_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     conversations: int = 0
+    #: Ids of the deleted conversations: files written before the deletion (run inputs, exports) carry these
+    #: ids, so any process can still find and remove the user's dialogues in them later.
+    conversation_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    idempotency_key: str | None = Field(default=None, max_length=64)  # see Conversation.idempotency_key
+
+
+class ExportFile(SQLModel, table=True):
+    """A file of dialogues the project wrote (``reverie dialogues export --out``): ``/forget`` rewrites it."""
+
+    __table_args__ = (UniqueConstraint("path", name="uq_exportfile_path"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -6,6 +6,7 @@ plain :class:`DialogueRecord` values, never ORM objects, so it does not depend o
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,7 @@ from storage.models import (
     Conversation,
     ConversationStatus,
     DataDeletion,
+    ExportFile,
     Feedback,
     FeedbackKind,
     PolicyStatus,
@@ -35,6 +37,19 @@ from storage.models import (
 
 class StoreError(ValueError):
     """A request the data does not allow (unknown id, wrong owner, closed conversation)."""
+
+
+class ForgottenDataError(StoreError):
+    """A candidate was trained on conversations deleted by ``/forget`` since they were selected."""
+
+
+class PolicyChangedError(StoreError):
+    """The active policy changed between reading it and acting on it (a concurrent rollback or promotion)."""
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one logical write (it stays the same across that write's retries)."""
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +141,6 @@ class Store:
 
     # --- conversations and turns ---------------------------------------------------------------------
 
-    @retry_transient()
     async def start_conversation(
         self,
         *,
@@ -139,25 +153,36 @@ class Store:
         meta: dict[str, Any] | None = None,
         policy_version_id: int | None = None,
         consent: bool = True,
+        idempotency_key: str | None = None,
     ) -> Conversation:
-        """Open a conversation and return it (with its id)."""
+        """Open a conversation and return it (with its id); a retried call opens it once."""
         Source(source)
-        conversation = Conversation(
-            source=source,
-            platform=platform,
-            task=task,
-            chat_key=chat_key,
-            user_key=user_key,
-            persona=persona,
-            meta=meta or {},
-            policy_version_id=policy_version_id,
-            consent=consent,
+        return await self._start_conversation(
+            dict(
+                source=source,
+                platform=platform,
+                task=task,
+                chat_key=chat_key,
+                user_key=user_key,
+                persona=persona,
+                meta=meta or {},
+                policy_version_id=policy_version_id,
+                consent=consent,
+            ),
+            idempotency_key or new_idempotency_key(),
         )
+
+    @retry_transient()
+    async def _start_conversation(self, values: dict[str, Any], key: str) -> Conversation:
         async with self.database.session() as session:
+            # A retry after a commit whose acknowledgement was lost finds the conversation it opened.
+            existing = (await session.exec(select(Conversation).where(Conversation.idempotency_key == key))).first()
+            if existing is not None:
+                return existing
+            conversation = Conversation(**values, idempotency_key=key)
             session.add(conversation)
         return conversation
 
-    @retry_transient()
     async def append_turn(
         self,
         conversation_id: int,
@@ -166,23 +191,57 @@ class Store:
         *,
         policy_version_id: int | None = None,
         latency_ms: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Turn:
-        """Append a turn at the next index of an open conversation."""
+        """Append a turn at the next index of an open conversation.
+
+        Safe to retry: every attempt of one call carries the same idempotency key, so an attempt that follows a
+        commit whose acknowledgement was lost returns the turn already stored instead of storing it twice.
+        Pass your own ``idempotency_key`` to make repeated *calls* for the same utterance safe as well.
+        """
         _validate_role(role)
+        return await self._append_turn(
+            conversation_id,
+            role,
+            text,
+            policy_version_id=policy_version_id,
+            latency_ms=latency_ms,
+            key=idempotency_key or new_idempotency_key(),
+        )
+
+    @retry_transient()
+    async def _append_turn(
+        self,
+        conversation_id: int,
+        role: str,
+        text: str,
+        *,
+        policy_version_id: int | None,
+        latency_ms: float | None,
+        key: str,
+    ) -> Turn:
         async with self.database.session() as session:
             conversation = await session.get(Conversation, conversation_id, with_for_update=True)
             if conversation is None:
                 raise StoreError(f"no conversation {conversation_id}")
+            # Checked before the status: the conversation may have been closed after our lost commit.
+            existing = (await session.exec(select(Turn).where(Turn.idempotency_key == key))).first()
+            if existing is not None:
+                return existing
             if conversation.status != ConversationStatus.OPEN:
                 raise StoreError(f"conversation {conversation_id} is {conversation.status}")
-            next_index = (await session.exec(select(func.count()).where(Turn.conversation_id == conversation_id))).one()
+            # max + 1, not a count: positions stay unique even if a turn is ever removed from the middle.
+            last = (
+                await session.exec(select(func.max(Turn.index)).where(Turn.conversation_id == conversation_id))
+            ).one()
             turn = Turn(
                 conversation_id=conversation_id,
-                index=next_index,
+                index=0 if last is None else last + 1,
                 role=role,
                 text=text,
                 policy_version_id=policy_version_id,
                 latency_ms=latency_ms,
+                idempotency_key=key,
             )
             session.add(turn)
         return turn
@@ -320,7 +379,6 @@ class Store:
 
     # --- feedback ------------------------------------------------------------------------------------
 
-    @retry_transient()
     async def record_feedback(
         self,
         *,
@@ -330,17 +388,44 @@ class Store:
         value: float | None = None,
         text: str | None = None,
         turn_id: int | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[Feedback, bool]:
         """Record feedback; returns it and whether it changed anything.
 
         Thumbs on a turn are idempotent per (turn, user): clicking 👍 twice records one 👍, switching to
-        👎 replaces it. A turn must belong to the conversation and be an agent turn.
+        👎 replaces it. A turn must belong to the conversation and be an agent turn. Retries of one call store
+        a rating or a text once (see :meth:`append_turn`).
         """
         FeedbackKind(kind)
+        return await self._record_feedback(
+            conversation_id=conversation_id,
+            user_key=user_key,
+            kind=kind,
+            value=value,
+            text=text,
+            turn_id=turn_id,
+            key=idempotency_key or new_idempotency_key(),
+        )
+
+    @retry_transient()
+    async def _record_feedback(
+        self,
+        *,
+        conversation_id: int,
+        user_key: str,
+        kind: str,
+        value: float | None,
+        text: str | None,
+        turn_id: int | None,
+        key: str,
+    ) -> tuple[Feedback, bool]:
         async with self.database.session() as session:
             conversation = await session.get(Conversation, conversation_id)
             if conversation is None:
                 raise StoreError(f"no conversation {conversation_id}")
+            done = (await session.exec(select(Feedback).where(Feedback.idempotency_key == key))).first()
+            if done is not None:  # this call's earlier attempt committed: report what it did
+                return done, True
             if turn_id is not None:
                 turn = await session.get(Turn, turn_id)
                 if turn is None or turn.conversation_id != conversation_id:
@@ -355,6 +440,8 @@ class Store:
                 if existing is not None:
                     changed = existing.value != value or existing.text != text
                     existing.value, existing.text, existing.created_at = value, text, utcnow()
+                    if changed:  # so a retry of this switch reports it as the change it was
+                        existing.idempotency_key = key
                     session.add(existing)
                     return existing, changed
             feedback = Feedback(
@@ -364,6 +451,7 @@ class Store:
                 kind=kind,
                 value=value,
                 text=text,
+                idempotency_key=key,
             )
             session.add(feedback)
             try:
@@ -453,23 +541,61 @@ class Store:
 
     # --- deletion ------------------------------------------------------------------------------------
 
-    @retry_transient()
     async def forget_user(self, user_key: str) -> int:
         """Delete every conversation, turn and feedback of ``user_key``; returns conversations deleted.
 
-        A tombstone keeps the user out of training sets selected before the deletion finished.
+        A tombstone keeps the user out of training sets selected before the deletion finished and records the
+        deleted conversation ids, so files written earlier (run inputs, exports) can be cleaned by any process
+        (:meth:`forgotten_conversation_ids`). On SQLite the freed pages are overwritten and the write-ahead log
+        truncated, so the text does not linger in the database files either.
         """
         if not user_key:
             raise StoreError("an empty user key would match imagined dialogues")
+        deleted = await self._forget_user(user_key, new_idempotency_key())
+        await self.database.purge_deleted_pages()
+        return deleted
+
+    @retry_transient()
+    async def _forget_user(self, user_key: str, key: str) -> int:
         async with self.database.session() as session:
+            done = (await session.exec(select(DataDeletion).where(DataDeletion.idempotency_key == key))).first()
+            if done is not None:  # a retry after our commit: report what that attempt deleted
+                return done.conversations
             ids = list((await session.exec(select(Conversation.id).where(Conversation.user_key == user_key))).all())
             if ids:
                 await session.exec(delete(Feedback).where(col(Feedback.conversation_id).in_(ids)))
                 await session.exec(delete(Turn).where(col(Turn.conversation_id).in_(ids)))
                 await session.exec(delete(Conversation).where(col(Conversation.id).in_(ids)))
             await session.exec(delete(Feedback).where(Feedback.user_key == user_key))
-            session.add(DataDeletion(user_key=user_key, conversations=len(ids)))
+            session.add(
+                DataDeletion(
+                    user_key=user_key,
+                    conversations=len(ids),
+                    conversation_ids=sorted(i for i in ids if i is not None),
+                    idempotency_key=key,
+                )
+            )
         return len(ids)
+
+    @retry_transient()
+    async def forgotten_conversation_ids(self) -> set[int]:
+        """Ids of every conversation ever deleted by :meth:`forget_user`."""
+        async with self.database.session() as session:
+            rows = (await session.exec(select(DataDeletion.conversation_ids))).all()
+        return {int(i) for ids in rows for i in (ids or [])}
+
+    @retry_transient()
+    async def register_export(self, path: str) -> None:
+        """Remember a dialogue file the project wrote, so ``/forget`` can rewrite it (idempotent)."""
+        async with self.database.session() as session:
+            if (await session.exec(select(ExportFile).where(ExportFile.path == path))).first() is None:
+                session.add(ExportFile(path=path))
+
+    @retry_transient()
+    async def export_paths(self) -> list[str]:
+        """Every registered export file, oldest first."""
+        async with self.database.session() as session:
+            return list((await session.exec(select(ExportFile.path).order_by(col(ExportFile.id)))).all())
 
     # --- policy versions -----------------------------------------------------------------------------
 
@@ -494,16 +620,48 @@ class Store:
             parent_id=parent_id,
         )
         async with self.database.session() as session:
+            # One checkpoint directory is one version: a retry after a lost commit finds the row it wrote.
+            existing = (
+                await session.exec(
+                    select(PolicyVersion).where(PolicyVersion.path == path, PolicyVersion.sha256 == sha256)
+                )
+            ).first()
+            if existing is not None:
+                return existing
             session.add(version)
         return version
 
     @retry_transient()
-    async def activate_policy_version(self, version_id: int) -> PolicyVersion:
-        """Make one version active and retire the one it replaces (one transaction)."""
+    async def activate_policy_version(
+        self, version_id: int, *, trained_on: Sequence[int] | None = None
+    ) -> PolicyVersion:
+        """Make one version active and retire the one it replaces (one transaction).
+
+        ``trained_on``: the real conversations the version was trained on. If any of them has been deleted
+        (``/forget``) the version is not activated (:class:`ForgottenDataError`). The check and the activation
+        are one transaction and hold those rows (``FOR SHARE`` on PostgreSQL; SQLite has one writer), so a
+        ``/forget`` either lands before it and stops the promotion, or waits for it and comes after.
+        """
         async with self.database.session() as session:
             version = await session.get(PolicyVersion, version_id)
             if version is None:
                 raise StoreError(f"no policy version {version_id}")
+            wanted = {int(i) for i in trained_on or ()}
+            if wanted:
+                present = set(
+                    (
+                        await session.exec(
+                            select(Conversation.id)
+                            .where(col(Conversation.id).in_(sorted(wanted)))
+                            .with_for_update(read=True)
+                        )
+                    ).all()
+                )
+                if missing := wanted - present:
+                    raise ForgottenDataError(
+                        f"policy version {version_id} was trained on {len(missing)} conversation(s) deleted since "
+                        "(a user asked to be forgotten); it is not activated"
+                    )
             await session.exec(
                 update(PolicyVersion)
                 .where(PolicyVersion.status == PolicyStatus.ACTIVE, PolicyVersion.id != version_id)
@@ -552,27 +710,67 @@ class Store:
             rows = await session.exec(select(PolicyVersion).order_by(col(PolicyVersion.id).desc()).limit(limit))
             return list(rows.all())
 
-    @retry_transient()
     async def rollback_target(self) -> PolicyVersion | None:
-        """The most recently activated retired version: where ``/rollback`` goes."""
+        """Where ``/rollback`` goes: the top of :meth:`rollback_stack`, or ``None`` (the base model)."""
+        stack = await self.rollback_stack(limit=1)
+        return stack[0] if stack else None
+
+    @retry_transient()
+    async def rollback_stack(self, limit: int = 50) -> list[PolicyVersion]:
+        """The versions served before the active one that a rollback may return to, most recent first.
+
+        The served history is a stack: each activation pushes, each rollback pops. A version's place is its
+        last activation; versions left by a rollback (``rolled_back``) are out of it for good, unless someone
+        activates them again explicitly. Below the stack lies the prompted base model.
+        """
         async with self.database.session() as session:
             rows = await session.exec(
                 select(PolicyVersion)
                 .where(PolicyVersion.status == PolicyStatus.RETIRED, col(PolicyVersion.activated_at).is_not(None))
-                .order_by(col(PolicyVersion.activated_at).desc())
-                .limit(1)
+                .order_by(col(PolicyVersion.activated_at).desc(), col(PolicyVersion.id).desc())
+                .limit(limit)
             )
-            return rows.first()
+            return list(rows.all())
 
     @retry_transient()
-    async def deactivate_all(self) -> None:
-        """Retire the active version so the prompted base model serves (rollback past the first version)."""
+    async def roll_back(self, from_id: int, to_id: int | None, *, skipped: Sequence[int] = ()) -> PolicyVersion | None:
+        """Pop ``from_id`` (the active version) and any ``skipped`` ones off the stack; activate ``to_id``
+        (``None``: the base model serves). Returns the version now active.
+
+        One transaction that applies only if ``from_id`` is still active (:class:`PolicyChangedError` if a
+        concurrent rollback or promotion got there first); a retry after a lost acknowledgement sees its own
+        result and returns it instead of popping twice.
+        """
         async with self.database.session() as session:
-            await session.exec(
+            popped = await session.exec(
                 update(PolicyVersion)
-                .where(PolicyVersion.status == PolicyStatus.ACTIVE)
-                .values(status=PolicyStatus.RETIRED)
+                .where(col(PolicyVersion.id) == from_id, PolicyVersion.status == PolicyStatus.ACTIVE)
+                .values(status=PolicyStatus.ROLLED_BACK)
             )
+            if not popped.rowcount:
+                source = await session.get(PolicyVersion, from_id)
+                active = (
+                    await session.exec(select(PolicyVersion).where(PolicyVersion.status == PolicyStatus.ACTIVE))
+                ).first()
+                already = source is not None and source.status == PolicyStatus.ROLLED_BACK
+                if already and (active.id if active is not None else None) == to_id:
+                    return active
+                raise PolicyChangedError(f"policy version {from_id} is no longer active; nothing was rolled back")
+            if skipped:
+                await session.exec(
+                    update(PolicyVersion)
+                    .where(col(PolicyVersion.id).in_(list(skipped)), PolicyVersion.status == PolicyStatus.RETIRED)
+                    .values(status=PolicyStatus.ROLLED_BACK)
+                )
+            if to_id is None:
+                return None
+            target = await session.get(PolicyVersion, to_id)
+            if target is None or target.status != PolicyStatus.RETIRED:
+                raise PolicyChangedError(f"policy version {to_id} is no longer a rollback target")
+            target.status = PolicyStatus.ACTIVE
+            target.activated_at = utcnow()
+            session.add(target)
+        return target
 
     # --- training runs -------------------------------------------------------------------------------
 

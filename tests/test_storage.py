@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from storage import (
     ConversationStatus,
@@ -185,7 +188,9 @@ async def test_concurrent_appends_keep_distinct_indices(store: Store) -> None:
     assert counts == [1] * 9
 
 
-async def test_locked_sqlite_is_retried_then_reported(sqlite_database: Database) -> None:
+async def test_locked_sqlite_is_retried_then_reported(
+    sqlite_database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
     store = Store(sqlite_database)
     conversation = await store.start_conversation(source="real", platform="console", task="travel")
     # Hold the write lock from another connection, release it shortly: the append must wait and succeed.
@@ -200,10 +205,105 @@ async def test_locked_sqlite_is_retried_then_reported(sqlite_database: Database)
     async with sqlite_database.engine.connect() as connection:
         await connection.exec_driver_sql("PRAGMA busy_timeout=0")
     release = asyncio.create_task(release_later())
+    caplog.set_level(logging.WARNING, logger="storage.database")
     turn = await store.append_turn(conversation.id, "user", "waited")
     await release
     assert turn.index == 0
+    # The append did not just wait inside SQLite's busy handler: our retry ran, and it stored the turn once.
+    assert any("database busy in _append_turn, retrying" in r.getMessage() for r in caplog.records)
+    assert [t.text for t in await store.get_turns(conversation.id)] == ["waited"]
     blocker.close()
+
+    # Held for longer than every retry together: reported as unavailable, naming the operation; nothing stored.
+    blocker = sqlite_database.sync_engine.connect()
+    blocker.exec_driver_sql("BEGIN IMMEDIATE")
+    with pytest.raises(DatabaseUnavailableError, match="_append_turn"):
+        await store.append_turn(conversation.id, "user", "gave up")
+    blocker.exec_driver_sql("COMMIT")
+    blocker.close()
+    assert [t.text for t in await store.get_turns(conversation.id)] == ["waited"]
+
+
+@pytest.mark.postgres
+async def test_writes_whose_commit_acknowledgement_is_lost_are_stored_once(postgres_url: str) -> None:
+    """A commit the server applied but whose answer never arrived: the retry must find the row, not add one."""
+    from tests.conftest import _truncate_postgres
+    from tests.fakes.tcp_proxy import TcpProxy
+
+    await asyncio.to_thread(_truncate_postgres, postgres_url)
+    url = make_url(postgres_url)
+    async with TcpProxy(url.port or 5432) as proxy:
+        database = Database(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False))
+        store = Store(database)
+        try:
+            proxy.lose_commit_acks()
+            conversation = await store.start_conversation(
+                source="real", platform="telegram", task="travel", chat_key="telegram:1", user_key="telegram:1"
+            )
+            writes = [
+                lambda: store.append_turn(conversation.id, "user", "yes"),
+                lambda: store.append_turn(conversation.id, "agent", "Shall I book it?"),
+                lambda: store.append_turn(conversation.id, "user", "yes"),  # the same words again: a new turn
+                lambda: store.record_feedback(
+                    conversation_id=conversation.id, user_key="telegram:1", kind="text", text="more beaches"
+                ),
+                lambda: store.record_feedback(
+                    conversation_id=conversation.id, user_key="telegram:1", kind="rating", value=4.0
+                ),
+                lambda: store.close_conversation(conversation.id, reward=0.75, reward_source="rating"),
+            ]
+            results = []
+            for write in writes:
+                proxy.lose_commit_acks()
+                results.append(await write())
+            assert proxy.lost_acks == len(writes) + 1  # every write above lost its acknowledgement once
+            turns = await store.get_turns(conversation.id)
+            assert [(t.index, t.role, t.text) for t in turns] == [
+                (0, "user", "yes"),
+                (1, "agent", "Shall I book it?"),
+                (2, "user", "yes"),
+            ]
+            assert [t.id for t in turns] == [r.id for r in results[:3]]
+            feedback = await _all_feedback(store)
+            assert sorted((f.kind, f.value, f.text) for f in feedback) == [
+                ("rating", 4.0, None),
+                ("text", None, "more beaches"),
+            ]
+            assert results[3][1] and results[4][1]  # reported as the change each one was
+            assert await store.count_conversations() == 1
+            closed = await store.get_conversation(conversation.id)
+            assert (closed.status, closed.reward) == (ConversationStatus.CLOSED, 0.75)
+
+            proxy.lose_commit_acks()
+            assert await store.forget_user("telegram:1") == 1  # not 0: the retry reports what the commit did
+            assert proxy.lost_acks == len(writes) + 2
+        finally:
+            await database.dispose()
+
+
+async def _all_feedback(store: Store) -> list:
+    from sqlmodel import select
+
+    from storage import Feedback
+
+    async with store.database.session() as session:
+        return list((await session.exec(select(Feedback))).all())
+
+
+async def test_forgotten_text_leaves_the_sqlite_files(sqlite_database: Database, tmp_path: Path) -> None:
+    store = Store(sqlite_database)
+    marker = "zanzibar-7Q2-secret-holiday"
+    await _chat(store, "telegram:1")
+    conversation = await store.start_conversation(
+        source="real", platform="telegram", task="travel", chat_key="c", user_key="telegram:2"
+    )
+    await store.append_turn(conversation.id, "user", f"I dream of {marker}")
+    await store.record_feedback(conversation_id=conversation.id, user_key="telegram:2", kind="text", text=marker)
+    files = [tmp_path / "reverie.db", tmp_path / "reverie.db-wal"]
+    assert any(marker.encode() in f.read_bytes() for f in files if f.exists())  # the probe can see it
+    assert await store.forget_user("telegram:2") == 1
+    assert [f.name for f in files if f.exists() and marker.encode() in f.read_bytes()] == []
+    assert len(await store.dialogues_for_training()) == 1  # the other user's data is intact
 
 
 async def test_status_values_are_checked(store: Store) -> None:
@@ -224,8 +324,13 @@ async def test_migrations_match_the_models(database: Database) -> None:
             return compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
 
     assert await asyncio.to_thread(diff) == []
+    from alembic.script import ScriptDirectory
+
+    from storage.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(database.url)).get_current_head()
     with database.sync_engine.connect() as connection:
-        assert connection.execute(text("select version_num from alembic_version")).scalar() == "0001"
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == head == "0002"
 
 
 def test_unavailable_error_names_the_operation() -> None:
