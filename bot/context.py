@@ -9,12 +9,19 @@ from contextlib import asynccontextmanager
 from rich.console import Console
 from rich.logging import RichHandler
 
+from bot import redaction
 from bot.settings import Settings
 from storage import Database, Store
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Rich console logging; third-party chatter kept at WARNING."""
+    """Rich console logging with secrets scrubbed from every record; third-party chatter kept at WARNING."""
+    # Secrets from the environment and .env: a child step gets the server's secrets that way.
+    try:
+        settings: Settings | None = Settings()
+    except Exception:  # invalid settings are reported by the command that loads them, not here
+        settings = None
+    redaction.protect(settings)
     logging.basicConfig(
         level=level.upper(),
         format="%(name)s: %(message)s",
@@ -30,6 +37,7 @@ def configure_logging(level: str = "INFO") -> None:
 @asynccontextmanager
 async def open_store(settings: Settings) -> AsyncIterator[Store]:
     """A :class:`Store` on the configured database, migrated to the latest schema."""
+    redaction.protect(settings)
     database = Database(settings.resolved_database_url)
     try:
         await database.create_schema()

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot import redaction
+from bot.forgetting import RUN_INPUT, purge_forgotten
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
 from bot.subprocesses import StepFailedError, reverie_command, run_step
@@ -27,6 +29,7 @@ from imagine.task import TaskSpec
 from learning.interface import Policy
 from storage import PolicyStatus, PolicyVersion, RunStatus, Source, Store, TrainingRun
 from storage.locks import TrainerLock
+from storage.store import ForgottenDataError, PolicyChangedError
 
 if TYPE_CHECKING:
     from bot.server import Runtime
@@ -95,6 +98,7 @@ class ImprovementLoop:
         self.task = task
         self.holder = holder
         self.load_policy = load_policy
+        redaction.protect(settings)  # run records and step logs must not carry the secrets children get
         self.lock = TrainerLock(store.database)
         self._task: asyncio.Task[TrainingRun | None] | None = None
         self.next_run_time: Callable[[], Any] | None = None  # set by the server when a schedule exists
@@ -112,22 +116,59 @@ class ImprovementLoop:
         return "Improvement run started: imagine → train → evaluate → gate. /status shows progress."
 
     async def rollback(self, *, requested_by: str) -> str:
-        """Serve the previously active version again (or the base model if there is none)."""
-        target = await self.store.rollback_target()
+        """Step back to the version served before the active one (a stack; see ``Store.rollback_stack``).
+
+        The rolled-back version never returns by rollback; below the first version lies the prompted base model,
+        and a rollback from it has nothing to go back to. Versions whose checkpoint is gone are popped on the way.
+        The new policy is loaded before anything changes, the change is one transaction that applies only if the
+        active version is still the one read (two admins rolling back at once step back once each, not twice
+        from the same place), and only then does it serve.
+        """
         active = await self.store.active_policy_version()
+        if active is None:
+            return "Nothing to roll back: the prompted base model is serving."
+        target: PolicyVersion | None = None
+        skipped: list[PolicyVersion] = []
+        for version in await self.store.rollback_stack():
+            if Path(version.path).is_dir():
+                target = version
+                break
+            skipped.append(version)
+        try:
+            policy = await self._load(target.path if target else None, target.id if target else None)
+        except Exception as error:
+            logger.exception("rollback by %s: version %s cannot be loaded", requested_by, target and target.id)
+            return redaction.redact(
+                f"Version {target.id if target else 'base'} cannot be loaded ({type(error).__name__}: {error}); "
+                "nothing was changed."
+            )
+        try:
+            await self.store.roll_back(
+                active.id, target.id if target else None, skipped=[v.id for v in skipped if v.id]
+            )
+        except PolicyChangedError:
+            _close(policy)
+            return (
+                "The active policy changed while rolling back (another rollback or a promotion); nothing was "
+                "changed. /status shows what serves now."
+            )
+        except BaseException:
+            _close(policy)
+            raise
+        self._serve(policy)
+        gone = (
+            f" (skipped version{'s' if len(skipped) > 1 else ''} {', '.join(str(v.id) for v in skipped)}: "
+            "checkpoint deleted)"
+            if skipped
+            else ""
+        )
+        logger.info("rollback by %s: version %s → %s%s", requested_by, active.id, target.id if target else "base", gone)
         if target is None:
-            if active is None:
-                return "Nothing to roll back: the prompted base model is serving."
-            await self._swap_in(None, "base")
-            await self.store.deactivate_all()
-            logger.info("rollback by %s: version %s → base model", requested_by, active.id)
-            return f"Rolled back from version {active.id} to the prompted base model."
-        await self._swap_in(target.path, target.id)
-        await self.store.activate_policy_version(target.id)
-        if active is not None:  # a rolled-back version must not come back by the next rollback
-            await self.store.set_policy_status(active.id, PolicyStatus.REJECTED, metrics={"rolled_back": True})
-        logger.info("rollback by %s: version %s → %s", requested_by, active.id if active else None, target.id)
-        return f"Rolled back to version {target.id} ({target.algorithm})."
+            return (
+                f"Rolled back from version {active.id} to the prompted base model{gone}. "
+                "There is nothing further to roll back to."
+            )
+        return f"Rolled back from version {active.id} to version {target.id} ({target.algorithm}){gone}."
 
     async def status_lines(self) -> list[str]:
         """Active version, last run, next scheduled run."""
@@ -199,11 +240,16 @@ class ImprovementLoop:
         await asyncio.shield(self._task)
 
     async def recover_after_crash(self) -> int:
-        """Mark runs a crashed process left 'running' as failed, unless another replica is running one now."""
+        """Mark runs a crashed process left 'running' as failed and delete what they left on disk (their input
+        with users' words, partial checkpoints), unless another replica is running one now."""
         if not await self.lock.acquire():
             return 0
         try:
-            return await self.store.fail_unfinished_runs("the process running it stopped before it finished")
+            failed = await self.store.fail_unfinished_runs("the process running it stopped before it finished")
+            # No run is in progress anywhere while we hold the lock, so every run directory is finished.
+            for run_dir in sorted((self.settings.data_dir / "runs").glob("run-*")):
+                await asyncio.to_thread(_remove_leftovers, run_dir)
+            return failed
         finally:
             await self.lock.release()
 
@@ -243,17 +289,17 @@ class ImprovementLoop:
             try:
                 return await self._steps(run, run_dir, candidate_dir)
             except asyncio.CancelledError:
-                shutil.rmtree(candidate_dir, ignore_errors=True)
                 await asyncio.shield(
                     self.store.update_training_run(run.id, status=RunStatus.CANCELLED, error="cancelled")
                 )
                 raise
             except Exception as error:
-                shutil.rmtree(candidate_dir, ignore_errors=True)
-                logger.warning("improvement run %s failed: %s", run.id, error)
-                return await self.store.update_training_run(
-                    run.id, status=RunStatus.FAILED, error=f"{type(error).__name__}: {error}"
-                )
+                message = redaction.redact(f"{type(error).__name__}: {error}")
+                logger.warning("improvement run %s failed: %s", run.id, message)
+                return await self.store.update_training_run(run.id, status=RunStatus.FAILED, error=message)
+            finally:
+                # Whatever the outcome: the input (real users' words) and any partial checkpoint go.
+                await asyncio.shield(asyncio.to_thread(_remove_leftovers, run_dir))
         finally:
             await self.lock.release()
 
@@ -269,7 +315,7 @@ class ImprovementLoop:
             await self._imagine(run, run_dir, remaining())
 
         self.on_step("select")
-        dialogues_path, run = await self._select(run, run_dir)
+        dialogues_path, run, real_ids = await self._select(run, run_dir)
 
         self.on_step("train")
         active = await self.store.active_policy_version()
@@ -289,26 +335,30 @@ class ImprovementLoop:
             candidate_success=candidate_success,
             active_success=active_success,
             duration_s=time.monotonic() - started,
+            trained_on=real_ids,
         )
 
     async def _imagine(self, run: TrainingRun, run_dir: Path, time_limit_s: float) -> None:
         """Fresh imagined dialogues of the task; they land in the database as ``source="imagined"``."""
         s = self.settings
         command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=s.imagine_backend, seed=run.id)
-        await run_step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
+        await _step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
 
-    async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun]:
-        """Imagined dialogues of the task plus real ones rewarded since the last run, as JSONL for the trainer."""
+    async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
+        """Imagined dialogues of the task plus real ones rewarded since the last run, as JSONL for the trainer;
+        also the ids of the real ones, which the promotion checks against ``/forget``."""
         since = await self.store.last_successful_run_time()
         imagined = await self.store.dialogues_for_training(sources=[Source.IMAGINED], task=self.task.name)
         real = await self.store.dialogues_for_training(sources=[Source.REAL], task=self.task.name, since=since)
         if not imagined and not real:
             raise StepFailedError("no training dialogues: imagination produced none and no real ones are rated")
-        path = run_dir / "dialogues.jsonl"
+        path = run_dir / RUN_INPUT
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(d.to_dict(), ensure_ascii=False) + "\n" for d in [*imagined, *real]))
+        # A /forget between the selection above and the write just now: take its user out of the file too.
+        await purge_forgotten(self.store, self.settings.data_dir)
         run = await self.store.update_training_run(run.id, n_imagined=len(imagined), n_real=len(real))
-        return path, run
+        return path, run, [d.id for d in real if d.id is not None]
 
     async def _train(
         self,
@@ -335,7 +385,7 @@ class ImprovementLoop:
             base_model=s.base_model,
             init_from=init_from,
         )
-        await run_step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s, env=s.as_env())
+        await _step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
@@ -353,9 +403,7 @@ class ImprovementLoop:
             out=out,
             base_model=s.base_model,
         )
-        await run_step(
-            "evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env()
-        )
+        await _step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env())
         candidate_success, active_success = _success_rates(out / "report.json")[:2]
         return candidate_success, active_success
 
@@ -368,8 +416,14 @@ class ImprovementLoop:
         candidate_success: float,
         active_success: float,
         duration_s: float = 0.0,
+        trained_on: list[int] | None = None,
     ) -> TrainingRun:
-        """Register the candidate; promote and hot-swap it only if :func:`gate` says it is not worse."""
+        """Register the candidate; promote and hot-swap it only if :func:`gate` says it is not worse.
+
+        ``trained_on``: ids of the real conversations in its training set. If any of their users asked to be
+        forgotten before the promotion, the candidate is discarded (checkpoint deleted, never served) and the
+        run fails; the promotion itself is one transaction with that check (``Store.activate_policy_version``).
+        """
         decision = gate(candidate_success, active_success, self.settings.improve_margin)
         active = await self.store.active_policy_version()
         final_dir = self.settings.checkpoints_dir / f"v-run{run.id}"
@@ -383,9 +437,23 @@ class ImprovementLoop:
             metrics={"success_rate": candidate_success, "active_success_rate": active_success, "run_id": run.id},
             parent_id=active.id if active else None,
         )
+        assert version.id is not None
         if decision.promote:
-            await self._swap_in(str(final_dir), version.id)
-            await self.store.activate_policy_version(version.id)
+            policy = await self._load(str(final_dir), version.id)  # before the switch: a bad load changes nothing
+            try:
+                await self.store.activate_policy_version(version.id, trained_on=trained_on)
+            except ForgottenDataError as error:
+                _close(policy)
+                await self.store.set_policy_status(version.id, PolicyStatus.REJECTED, metrics={"forgotten": True})
+                shutil.rmtree(final_dir, ignore_errors=True)
+                logger.warning("improvement run %s: %s", run.id, error)
+                return await self.store.update_training_run(
+                    run.id, status=RunStatus.FAILED, candidate_version_id=version.id, error=str(error)
+                )
+            except BaseException:
+                _close(policy)
+                raise
+            self._serve(policy)
             status = RunStatus.SUCCEEDED
         else:
             await self.store.set_policy_status(version.id, PolicyStatus.REJECTED)
@@ -402,18 +470,26 @@ class ImprovementLoop:
             run.id, status=status, candidate_version_id=version.id, metrics=metrics
         )
 
-    async def _swap_in(self, path: str | None, version_id: int | str | None) -> None:
+    async def _swap_in(self, path: str | None, version_id: int | None) -> None:
         """Load a policy off the event loop and make it serve the next turns."""
+        self._serve(await self._load(path, version_id))
+
+    async def _load(self, path: str | None, version_id: int | None) -> Policy | None:
+        """Load a policy for serving off the event loop (``None`` path: the base model); ``None`` without a holder."""
         if self.holder is None or self.load_policy is None:
-            return
-        source = path if path is not None else "base"
-        policy = await asyncio.to_thread(self.load_policy, source, version_id if isinstance(version_id, int) else None)
-        self.holder.swap(policy)
+            return None
+        return await asyncio.to_thread(self.load_policy, path if path is not None else "base", version_id)
+
+    def _serve(self, policy: Policy | None) -> None:
+        if policy is not None and self.holder is not None:
+            self.holder.swap(policy)
 
     async def _prune(self) -> None:
-        """Delete checkpoints of all but the newest ``keep_versions`` versions (never the active one)."""
+        """Delete checkpoints of all but the newest ``keep_versions`` versions, never the active one nor one of
+        the next ``keep_versions`` rollback targets (rollback must find what it steps back to)."""
         versions = await self.store.list_policy_versions(limit=1000)
         keep = {v.id for v in versions[: self.settings.keep_versions]}
+        keep |= {v.id for v in await self.store.rollback_stack(limit=self.settings.keep_versions)}
         for version in versions:
             if version.id in keep or version.status == PolicyStatus.ACTIVE:
                 continue
@@ -476,6 +552,37 @@ def make_improvement_hook(
 
 #: The hook ``reverie serve`` uses.
 improvement_hook = make_improvement_hook()
+
+
+async def _step(name: str, command: list[str], *, log_path: Path, time_limit_s: float, env: dict[str, str]) -> None:
+    """:func:`run_step`, with secrets masked in its log and in the error it raises (a child can print a
+    traceback before its own logging is set up, and the error's log tail ends up in the run record)."""
+    try:
+        await run_step(name, command, log_path=log_path, time_limit_s=time_limit_s, env=env)
+    except StepFailedError as error:
+        raise StepFailedError(redaction.redact(str(error))) from None
+    finally:
+        await asyncio.shield(asyncio.to_thread(redaction.redact_file, log_path))
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Delete a finished run's input (users' words) and partial checkpoints: the candidate if it was not
+    promoted, the trainer's resume state (``.candidate.resume``) and staging directories (``.candidate.tmp-*``)."""
+    (run_dir / RUN_INPUT).unlink(missing_ok=True)
+    for leftover in [run_dir / "candidate", *run_dir.glob(".candidate*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.exists():
+            leftover.unlink(missing_ok=True)
+
+
+def _close(policy: Policy | None) -> None:
+    """Close a policy that was loaded but will not serve (it holds a model in memory)."""
+    if policy is not None:
+        try:
+            policy.close()
+        except Exception:
+            logger.exception("closing an unused policy failed")
 
 
 def _flags(command: str, **options: object) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 
 import storage
+from bot import redaction
 from bot.events import (
     PLATFORM_TEXT_LIMITS,
     ChatRef,
@@ -26,6 +27,7 @@ from bot.events import (
     Reply,
     decode_feedback,
 )
+from bot.forgetting import purge_forgotten
 from bot.inflight import InFlight
 from bot.policy_holder import PolicyHolder
 from bot.sessions import Session, SessionKey, history_window
@@ -80,6 +82,7 @@ class DialogueService:
         self.settings = settings
         self.improver = improver
         self.clock = clock
+        redaction.protect(settings)  # replies and log lines of this service never carry a configured secret
         #: Seconds a policy may take for one reply (tests shorten it).
         self.policy_timeout_s = POLICY_TIMEOUT_S
         self._sessions: dict[SessionKey, Session] = {}
@@ -378,11 +381,24 @@ class DialogueService:
             assert self._orphans is not None
             for key in [k for k in self._orphans if f"{k[0]}:{k[2]}" == chat.user_key]:
                 del self._orphans[key]
+        # Copies outside the database: a run's input file being trained on now, exports the project wrote.
+        # The database deletion above is what counts; a file this process cannot reach is logged, not fatal.
+        try:
+            report = await purge_forgotten(self.store, self.settings.data_dir)
+            if report.unreachable:
+                logger.warning(
+                    "/forget: cannot reach %d registered export file(s): %s",
+                    len(report.unreachable),
+                    ", ".join(map(str, report.unreachable)),
+                )
+        except Exception:
+            logger.exception("/forget: removing %s from files failed", chat.user_key)
         return [
             self._notice(
                 chat,
                 f"Done: deleted {deleted} conversation{'s' if deleted != 1 else ''} with all turns and feedback. "
-                "None of your conversations will be used for training.",
+                "None of your conversations will be used for training, and no policy trained on them from now on "
+                "will be put into service.",
             )
         ]
 
@@ -501,7 +517,8 @@ class DialogueService:
         return Reply(chunks=split_text(text, self._limit(chat)), turn_id=turn_id)
 
     def _notice(self, chat: ChatRef, text: str, *, error: bool = False, private: bool = True) -> Reply:
-        return Reply(chunks=split_text(text, self._limit(chat)), private=private, is_error=error)
+        # Notices quote run errors and improver messages, which may carry text from a child's traceback.
+        return Reply(chunks=split_text(redaction.redact(text), self._limit(chat)), private=private, is_error=error)
 
 
 def _session_key(conversation: storage.Conversation) -> SessionKey | None:

@@ -54,6 +54,7 @@ from telegram.ext import (
     filters,
 )
 
+from bot import redaction
 from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, FeedbackDataError, Reply, decode_feedback
 from bot.events import encode_feedback as _encode_feedback
 from bot.settings import Settings
@@ -211,7 +212,13 @@ class TokenRedactor(logging.Filter):
 
 @contextlib.contextmanager
 def _redacting_logs(token: str) -> Iterator[TokenRedactor]:
-    """Install :class:`TokenRedactor` on our, PTB's and httpx's loggers for the duration."""
+    """Install :class:`TokenRedactor` on our, PTB's and httpx's loggers for the duration.
+
+    The token is also registered process-wide (``bot.redaction``), which scrubs records of every logger,
+    including those created after this point and records that only propagate through these loggers.
+    """
+    redaction.REDACTOR.add(token)
+    redaction.install()
     redactor = TokenRedactor(token)
     names = [
         name

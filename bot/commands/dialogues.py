@@ -98,7 +98,10 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", help="Only this task."),
         out: str = typer.Option("-", "--out", help="Output file, or '-' for standard output."),
     ) -> None:
-        """Write closed, consented dialogues (forgotten users excluded) as JSON Lines."""
+        """Write closed, consented dialogues (forgotten users excluded) as JSON Lines.
+
+        A file written with --out is registered: a later /forget removes that user's dialogues from it.
+        """
         settings = Settings()
         # Log lines go to standard output (RichHandler), where they would corrupt the JSON Lines.
         configure_logging("WARNING" if out == "-" else settings.log_level)
@@ -116,6 +119,8 @@ def register(app: typer.Typer) -> None:
                 path = Path(out)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_name(path.name + ".partial")
+                # Registered first, so a /forget while this export is written still finds the file.
+                await store.register_export(str(path.resolve()))
                 with partial.open("w", encoding="utf-8") as stream:
                     count = await export_dialogues(store, stream, source=source, task=task)
                 partial.replace(path)  # a reader never sees half a file
