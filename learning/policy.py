@@ -7,9 +7,12 @@
 * a token-level ILQL checkpoint — ILQL-guided decoding, ``log π + β·(Q̄ − V)`` over the top-k tokens;
 * an utterance-level ILQL checkpoint — K sampled replies reranked by ``Q̄(s, u) − V(s)``.
 
-``respond_batch`` is synchronous and batched; ``respond`` is awaitable: calls that arrive within a few
-milliseconds of each other are gathered by a worker thread into one ``respond_batch`` (one batched
-generate), so the event loop never blocks on the model.
+``respond_batch`` is synchronous and batched; ``respond`` is awaitable and never blocks the event loop. Where
+the model is one :mod:`learning.engine` computes (Llama architecture on the CPU: SmolLM2, the tiny test model),
+both go through its continuous batching: concurrent chats share one running batch that a chat joins at the
+next decode step and leaves as soon as its reply ends, and a conversation's next turn reuses the cached keys and
+values of its previous turns. Other models fall back to :func:`learning.decoding.decode` behind a
+:class:`MicroBatcher` (requests gathered for a few milliseconds into one batched generate).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from learning.checkpoint import CheckpointError, check_base_model, load_manifest
 from learning.dataset import ROLE_NAMES, clean_text, end_of_turn_id
 from learning.decoding import DecodeConfig, decode, rerank_utterances
 from learning.devices import resolve_device
+from learning.engine import DecodeEngine, GenerationRequest, engine_supports
 from learning.ilql import ILQLConfig, ValueHeads
 from learning.interface import History
 from learning.lora import load_lora
@@ -128,6 +132,138 @@ class MicroBatcher:
             self._thread.join(timeout=30)
 
 
+class ContinuousBatcher:
+    """Serves concurrent single requests from one running batch of a :class:`~learning.engine.DecodeEngine`.
+
+    Unlike :class:`MicroBatcher` nobody waits for the longest reply of a batch: a request joins the running
+    batch at the next decode step (an idle batch first gathers for ``window_ms``, as the micro-batcher does),
+    and leaves it, with its reply delivered, the step its reply ends. A request whose caller gave up (its
+    future is done) is skipped before it joins and dropped from the batch if it already did. The batch holds
+    at most the engine's ``max_rows`` rows within its memory bound; later requests wait in order.
+    """
+
+    def __init__(
+        self,
+        engine: DecodeEngine,
+        prompt_fn: Callable[[History], list[int]],
+        text_fn: Callable[[list[int]], str],
+        *,
+        should_stop: Callable[[], bool],
+        window_ms: float = 5.0,
+    ) -> None:
+        self._engine = engine
+        self._prompt_fn = prompt_fn
+        self._text_fn = text_fn
+        self._should_stop = should_stop
+        self._window = window_ms / 1000.0
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        #: how many times the batch started from idle and how many requests joined it (for logs and tests)
+        self.batches_served = 0
+        self.requests_served = 0
+        #: the largest number of rows that decoded together (for benchmarks)
+        self.peak_rows = 0
+
+    async def submit(self, history: History) -> str:
+        """Queue one history and await its reply."""
+        if self._closed:
+            raise RuntimeError("policy is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="policy-continuous-batch", daemon=True)
+                self._thread.start()
+        self._queue.put(_Request(history, future, loop))
+        return await future
+
+    def _generation(self, request: _Request) -> GenerationRequest | None:
+        """The engine's request for a caller's, or ``None`` where its prompt cannot be built (caller told)."""
+        try:
+            prompt = self._prompt_fn(request.history)
+        except Exception as error:  # a bad history fails its own request only
+            request.loop.call_soon_threadsafe(_settle, request.future, None, error)
+            return None
+
+        def done(tokens: list[int], request: _Request = request) -> None:
+            request.loop.call_soon_threadsafe(_settle, request.future, self._text_fn(tokens), None)
+
+        def failed(error: BaseException, request: _Request = request) -> None:
+            request.loop.call_soon_threadsafe(_settle, request.future, None, error)
+
+        return GenerationRequest(
+            prompt, repeats=self._engine.repeats(), on_done=done, on_error=failed, cancelled=request.future.done
+        )
+
+    def _run(self) -> None:
+        batch = self._engine.new_batch(should_stop=self._should_stop)
+        waiting: list[GenerationRequest] = []  # in arrival order: joins as rows free up
+        stopping = False
+        while True:
+            if batch.size == 0 and not waiting:
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is None:
+                    return
+                arrivals = [first]
+                try:  # an idle batch gathers for the window, as the micro-batcher does
+                    while len(arrivals) < self._engine.max_rows:
+                        item = self._queue.get(timeout=self._window)
+                        if item is None:
+                            stopping = True
+                            break
+                        arrivals.append(item)
+                except queue.Empty:
+                    pass
+                self.batches_served += 1
+            else:
+                arrivals = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    arrivals.append(item)
+            for request in arrivals:
+                if request.future.done():  # its caller gave up while it queued
+                    continue
+                generation = self._generation(request)
+                if generation is not None:
+                    waiting.append(generation)
+            waiting = [g for g in waiting if g.cancelled is None or not g.cancelled()]
+            while waiting and batch.can_admit(waiting[0]):
+                batch.admit(waiting.pop(0))
+                self.requests_served += 1
+            if self._should_stop():
+                batch.abandon()
+                for generation in waiting:
+                    if generation.on_done is not None:
+                        generation.on_done([])
+                waiting.clear()
+                continue
+            if batch.size == 0:
+                continue
+            self.peak_rows = max(self.peak_rows, batch.size)
+            try:
+                batch.step()
+            except Exception as error:  # one failing step fails the requests in the batch, not the worker
+                logger.exception("policy decode step failed")
+                batch.fail(error)
+
+    def close(self) -> None:
+        """Stop the worker: replies in progress end where they are when the policy is closed too."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+
 def _settle(future: asyncio.Future[str], text: str | None, error: BaseException | None) -> None:
     if future.done():
         return
@@ -155,6 +291,8 @@ class LearnedPolicy:
         max_prompt_tokens: int = 1024,
         batch_window_ms: float = 5.0,
         max_batch: int = 16,
+        prefix_cache_mb: int = 512,
+        engine: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -169,8 +307,31 @@ class LearnedPolicy:
         self._end_id = end_of_turn_id(tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._end_id
         self._model_lock = threading.Lock()
-        self.batcher = MicroBatcher(self.respond_batch, window_ms=batch_window_ms, max_batch=max_batch)
         self._closed = False
+        #: the fast path (continuous batching, prefix cache) where the model allows it, else ``None``
+        self.engine: DecodeEngine | None = None
+        if engine and engine_supports(model) and (value_model is None or engine_supports(value_model)):
+            self.engine = DecodeEngine(
+                model,
+                config=decode_config,
+                end_id=self._end_id,
+                heads=self.heads,
+                value_model=self.value_model,
+                max_rows=max_batch,
+                max_batch_tokens=max_batch * max_prompt_tokens,
+                prefix_cache_bytes=prefix_cache_mb << 20,
+            )
+        self.batcher: MicroBatcher | ContinuousBatcher
+        if self.engine is not None:
+            self.batcher = ContinuousBatcher(
+                self.engine,
+                self.prompt_ids,
+                self._to_text,
+                should_stop=self._is_closed,
+                window_ms=batch_window_ms,
+            )
+        else:
+            self.batcher = MicroBatcher(self.respond_batch, window_ms=batch_window_ms, max_batch=max_batch)
 
     # --- prompts -------------------------------------------------------------------------------------------
 
@@ -199,6 +360,9 @@ class LearnedPolicy:
         prompts = [self.prompt_ids(h) for h in histories]
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        if self.engine is not None:
+            tokens = self.engine.generate(prompts, generator=generator, should_stop=self._is_closed)
+            return [self._to_text(t) for t in tokens]
         with self._model_lock:
             if self.heads is not None and self.heads.config.level == "utterance" and self.decode_config.candidates > 1:
                 tokens, _ = rerank_utterances(
@@ -238,6 +402,9 @@ class LearnedPolicy:
             return
         self._closed = True
         self.batcher.close()
+        if self.engine is not None:
+            self.engine.prefix.clear()
+            self.engine.value_prefix.clear()
 
     def _is_closed(self) -> bool:
         return self._closed
