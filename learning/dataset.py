@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from imagine.task import TaskSpec
 from learning.interface import Message
 from storage import DialogueRecord
+from storage.rewards import is_success
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class EncodedDialogue:
     reward: float | None
     source: str
     truncated_turns: int = 0
+    #: For each agent turn above, the index of its message in the dialogue's turns.
+    turn_message: list[int] = field(default_factory=list)
+    #: Index of the record this dialogue was encoded from (in the list given to :func:`encode_records`).
+    origin: int = -1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -239,6 +244,7 @@ def encode_dialogue(
         reward=reward,
         source=source,
         truncated_turns=dropped,
+        turn_message=[turn_index for _, _, turn_index in turn_spans],
     )
 
 
@@ -271,7 +277,7 @@ def encode_records(
         raise DatasetError("the dataset is empty: no dialogues to train on")
     if require_reward and all(r.reward is None for r in records):
         raise DatasetError(f"none of the {len(records)} dialogues has a reward; RL and filtered BC need rewards")
-    for record in records:
+    for origin, record in enumerate(records):
         if require_reward and record.reward is None:
             drop("no reward")
             continue
@@ -296,7 +302,7 @@ def encode_records(
         except DatasetError as error:
             drop(str(error))
             continue
-        encoded.append(item)
+        encoded.append(dataclasses.replace(item, origin=origin))
     if not encoded:
         reasons = "; ".join(f"{n}× {why}" for why, n in summary.dropped.items())
         raise DatasetError(f"no usable dialogue among {len(records)}: {reasons}")
@@ -306,11 +312,23 @@ def encode_records(
         summary.by_source[item.source] = summary.by_source.get(item.source, 0) + 1
     summary.with_reward = len(rewards)
     summary.mean_reward = sum(rewards) / len(rewards) if rewards else None
-    summary.success_rate = sum(r >= 1.0 for r in rewards) / len(rewards) if rewards else None
+    summary.success_rate = sum(is_success(r) for r in rewards) / len(rewards) if rewards else None
     summary.tokens = sum(len(e) for e in encoded)
     summary.action_tokens = sum(e.num_actions for e in encoded)
     summary.truncated = sum(e.truncated_turns > 0 for e in encoded)
     return encoded, summary
+
+
+def split_held_out(
+    items: Sequence[EncodedDialogue], fraction: float, seed: int
+) -> tuple[list[EncodedDialogue], list[EncodedDialogue]]:
+    """``(train, held_out)``: a seeded ``fraction`` of the dialogues (at least one, when there are ten or more)
+    kept out of training to measure generalisation and stop early; fewer than ten dialogues are all trained on."""
+    if fraction <= 0 or len(items) < 10:
+        return list(items), []
+    count = max(1, round(len(items) * fraction))
+    held = set(random.Random(f"held-out:{seed}").sample(range(len(items)), count))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def return_range(items: Sequence[EncodedDialogue]) -> tuple[float, float]:
@@ -414,14 +432,34 @@ class MixingSampler:
             raise DatasetError("every source has weight 0: nothing to sample")
         self.real_ratio = real_ratio if (has_real and has_imagined) else (1.0 if has_real else 0.0)
 
-    def draw(self) -> EncodedDialogue:
-        """One dialogue according to the mixing ratio and source weights."""
+    def draw_index(self) -> int:
+        """The index of one dialogue, drawn according to the mixing ratio and source weights."""
         indices, weights = self._sides[self.random.random() < self.real_ratio]
-        return self.items[self.random.choices(indices, weights)[0]]
+        return self.random.choices(indices, weights)[0]
 
-    def __iter__(self) -> Iterator[list[EncodedDialogue]]:
+    def draw(self) -> EncodedDialogue:
+        """One dialogue, drawn according to the mixing ratio and source weights."""
+        return self.items[self.draw_index()]
+
+    def probabilities(self) -> list[float]:
+        """Each dialogue's probability of being drawn (the weights of its cached transitions, its loss share)."""
+        probabilities = [0.0] * len(self.items)
+        for is_real, (indices, weights) in self._sides.items():
+            side_probability = self.real_ratio if is_real else 1.0 - self.real_ratio
+            total = sum(weights) or 1.0
+            for index, weight in zip(indices, weights, strict=True):
+                probabilities[index] = side_probability * weight / total
+        return probabilities
+
+    def index_batches(self) -> Iterator[list[int]]:
+        """Endless batches of dialogue indices, each batch of similar lengths."""
         while True:
-            pool = sorted((self.draw() for _ in range(self.batch_size * self.group_factor)), key=len)
+            drawn = [self.draw_index() for _ in range(self.batch_size * self.group_factor)]
+            pool = sorted(drawn, key=lambda i: len(self.items[i]))
             batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
             self.random.shuffle(batches)
             yield from batches
+
+    def __iter__(self) -> Iterator[list[EncodedDialogue]]:
+        for indices in self.index_batches():
+            yield [self.items[i] for i in indices]

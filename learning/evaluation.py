@@ -46,6 +46,7 @@ from imagine.simulated import (
 from imagine.task import TaskSpec
 from learning.interface import Message, Policy
 from storage import Store
+from storage.rewards import is_success
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ class EpisodeResult:
 
     @property
     def success(self) -> bool:
-        """Reward of at least 0.5 (scripted rewards are 0/1)."""
-        return self.reward >= 0.5
+        """A reward that counts as success (``storage.rewards.is_success``; scripted rewards are 0/1)."""
+        return is_success(self.reward)
 
     @property
     def agent_turns(self) -> int:
@@ -386,6 +387,12 @@ class _Episode:
         self.outcome: str | None = None
 
 
+def opening_history(task: TaskSpec) -> list[Message]:
+    """How every conversation starts, in evaluation as in serving and training: the task's opening line,
+    said by the agent before the user speaks (the bot sends it; training treats it as context, not action)."""
+    return [Message("agent", task.opening_line)]
+
+
 async def _run_policy(
     policy: Policy,
     task: TaskSpec,
@@ -399,8 +406,23 @@ async def _run_policy(
     clock = time.perf_counter()
     episodes = [_Episode(index, user) for index, user in enumerate(users)]
     result = PolicyResult(name=policy.name, version_id=policy.version_id)
-    open_episodes = list(episodes)
-    for turn in range(max_turns):
+    # The opening line is the agent's first turn (it counts towards max_turns, as in the imagined data);
+    # the policy is first asked for a reply after the user has answered it.
+    openings = await asyncio.gather(*(e.user.reply(task.opening_line) for e in episodes), return_exceptions=True)
+    open_episodes = []
+    for episode, answer in zip(episodes, openings, strict=True):
+        episode.history.extend(opening_history(task))
+        if isinstance(answer, BaseException):
+            logger.warning("simulated user failed in episode %d: %s", episode.index, answer)
+            episode.outcome = "user_error"
+            advance(1)
+            continue
+        episode.history.append(Message("user", answer.text))
+        if answer.done:
+            advance(1)
+        else:
+            open_episodes.append(episode)
+    for turn in range(1, max_turns):
         if not open_episodes:
             break
         try:
@@ -535,6 +557,7 @@ __all__ = [
     "evaluate",
     "evaluate_async",
     "evaluation_personas",
+    "opening_history",
     "paired_difference",
     "wilson_interval",
 ]

@@ -257,9 +257,10 @@ def utterance_value_loss(
     return LossTerms(loss_q + loss_v, terms)
 
 
-def bc_loss(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """``−log π(a | s)`` averaged over action tokens (``logits [N, |V|]``, ``actions [N]``)."""
-    return F.cross_entropy(logits.float(), actions)
+def token_nll(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``−log π(a | s)`` per action token (``logits [N, |V|]``, ``actions [N]`` → ``[N]``): the BC loss before
+    weighting (the trainer sums it with per-token weights over a constant normalizer)."""
+    return F.cross_entropy(logits.float(), actions, reduction="none")
 
 
 def utterance_scores(heads: ValueHeads, states: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 def causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -34,10 +35,38 @@ def output_embedding(model: nn.Module) -> torch.Tensor:
     return causal_lm(model).get_output_embeddings().weight
 
 
-def attach_lora(model: PreTrainedModel, *, rank: int = 8, alpha: int = 16, dropout: float = 0.0) -> PeftModel:
-    """Wrap ``model`` with a fresh LoRA adapter on the attention projections; only the adapter trains."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LLAMA_TARGETS, bias="none")
-    return get_peft_model(model, config)
+def lora_config(
+    *, rank: int = 8, alpha: int = 16, mlp: bool = False, layers: list[int] | None = None, dropout: float = 0.0
+) -> LoraConfig:
+    """LoRA on the attention projections (and the MLP's with ``mlp``), in ``layers`` only (``None``: all)."""
+    targets = list(ATTENTION_TARGETS + (MLP_TARGETS if mlp else ()))
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        bias="none",
+    )
+
+
+def attach_lora(
+    model: PreTrainedModel,
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    mlp: bool = False,
+    upper_layers: int | None = None,
+    dropout: float = 0.0,
+) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; only the adapter trains.
+
+    ``upper_layers`` limits the adapter to the top that many decoder layers, so the lower layers stay the base
+    model's and their output can be computed once (``learning.split_trunk``); ``None`` adapts every layer.
+    """
+    total = len(causal_lm(model).get_decoder().layers)
+    layers = None if upper_layers is None or upper_layers >= total else list(range(total - upper_layers, total))
+    return get_peft_model(model, lora_config(rank=rank, alpha=alpha, mlp=mlp, layers=layers, dropout=dropout))
 
 
 def load_lora(model: PreTrainedModel, directory: Path, *, trainable: bool) -> PeftModel:

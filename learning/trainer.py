@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from imagine.task import TaskSpec, load_task
 from learning.base_model import load_base_model
 from learning.checkpoint import check_base_model, load_manifest, save_checkpoint, verify_checkpoint
+from learning.critic import CriticConfig, train_critic
 from learning.dataset import (
     DatasetError,
     EncodedDialogue,
@@ -48,23 +49,28 @@ from learning.dataset import (
     collate,
     encode_records,
     return_range,
+    split_held_out,
 )
 from learning.devices import resolve_device
 from learning.ilql import (
     ILQLConfig,
     LossTerms,
     ValueHeads,
-    bc_loss,
+    token_nll,
     token_value_loss,
     utterance_value_loss,
 )
-from learning.lora import attach_lora, hidden_states, load_lora, output_embedding, save_lora
+from learning.lora import attach_lora, load_lora, output_embedding, save_lora
+from learning.split_trunk import LowerStates, UpperStack, num_layers
 from storage import DialogueRecord
+from storage.rewards import SUCCESS_THRESHOLD, is_success
 
 logger = logging.getLogger(__name__)
 
-Algorithm = Literal["bc", "fbc", "ilql", "ilql-token", "ilql-utterance"]
-ALGORITHMS: tuple[str, ...] = ("bc", "fbc", "ilql", "ilql-token", "ilql-utterance")
+Algorithm = Literal["bc", "fbc", "critic-awr", "ilql", "ilql-token", "ilql-utterance"]
+ALGORITHMS: tuple[str, ...] = ("bc", "fbc", "critic-awr", "ilql", "ilql-token", "ilql-utterance")
+#: What `reverie train` and the improvement loop train unless told otherwise (BENCHMARKS.md, "RL vs BC").
+DEFAULT_ALGORITHM: Algorithm = "critic-awr"
 HEADS_FILE = "heads.safetensors"
 
 
@@ -74,38 +80,85 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (stored in the checkpoint manifest)."""
+    """Everything a training run depends on (stored in the checkpoint manifest); defaults measured on this CPU."""
 
-    algorithm: Algorithm = "ilql"
+    #: bc (all dialogues), fbc (successful ones), critic-awr (per-turn critic → advantage-weighted actor), or
+    #: ilql / ilql-token / ilql-utterance (value heads on top of BC; ilql = ilql-utterance).
+    algorithm: Algorithm = DEFAULT_ALGORITHM
+    #: Built-in task name or task TOML path (its system prompt frames every dialogue).
     task: str = "travel"
+    #: smollm2 (bundled), tiny (tests) or a local model directory / hub id.
     base_model: str = "smollm2"
+    #: Where converted base models are kept (None: the default cache).
     cache_dir: str | None = None
-    steps: int = 300  # policy-stage optimizer steps
-    value_steps: int = 1500  # value-stage optimizer steps (ILQL), on cached features
-    batch_size: int = 8
+    #: Policy-stage optimizer steps at most (early stopping may end sooner).
+    steps: int = 600
+    #: ILQL value-stage optimizer steps, on cached features.
+    value_steps: int = 1500
+    #: Dialogues per optimizer step (per micro-batch with grad_accum).
+    batch_size: int = 16
+    #: Micro-batches accumulated per optimizer step.
     grad_accum: int = 1
-    lr: float = 3e-4
+    #: Peak learning rate of the LoRA adapter (after warm-up; cosine decay to a tenth).
+    lr: float = 1e-3
+    #: Fraction of the steps spent warming the learning rate up linearly.
+    warmup: float = 0.05
+    #: ILQL value heads' learning rate.
     value_lr: float = 1e-3
+    #: Transitions per ILQL value step.
     value_batch_size: int = 256
+    #: AdamW weight decay of the adapter.
     weight_decay: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
+    #: LoRA rank and alpha (scale alpha/rank).
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    #: LoRA on the MLP projections too, not only attention (more capacity for task knowledge).
+    lora_mlp: bool = True
+    #: LoRA on the top this many decoder layers only; the rest are frozen and run once per dialogue
+    #: (None: every layer, nothing cached).
+    upper_layers: int | None = 6
+    #: Longest training sequence in tokens; longer dialogues lose whole turns from the start.
     max_length: int = 512
+    #: Share of real (logged) dialogues in each batch when both kinds exist.
     real_ratio: float = 0.3
+    #: Relative weight per source (default 1 each).
     source_weights: dict[str, float] = field(default_factory=dict)
+    #: Per-turn reward = this × mean 👍/👎 (−1..1) on that agent turn.
     thumbs_weight: float = 0.25
-    fbc_min_reward: float = 1.0
+    #: Filtered BC keeps dialogues with at least this reward (the success threshold).
+    fbc_min_reward: float = SUCCESS_THRESHOLD
+    #: Fraction of dialogues held out for the held-out loss, the task probe and early stopping.
+    held_out: float = 0.1
+    #: Policy steps between held-out evaluations.
+    eval_every: int = 50
+    #: Held-out evaluations without improvement before stopping (0: never stop early).
+    patience: int = 3
+    #: Held-out states at which the policy's greedy reply is checked against the task (scripted tasks only).
+    probe_states: int = 24
+    #: Seed of sampling, held-out split and initialisation.
     seed: int = 0
-    bf16: bool = True  # bf16 autocast for the trunk (CPU: ~6× faster matmuls than fp32 on this machine)
-    value_bf16: bool | None = None  # None: bf16 for token level (|V|-wide CQL), fp32 for the small utterance heads
+    #: bf16 autocast (None: on CUDA only; on this CPU fp32 matmuls measured faster than bf16).
+    bf16: bool | None = None
+    #: bf16 for the ILQL value heads (None: token level only, whose CQL is |V| wide).
+    value_bf16: bool | None = None
+    #: Policy steps between resumable saves.
     checkpoint_every: int = 100
+    #: Stop (and save what was learned) after this many minutes.
     time_limit_minutes: float | None = None
-    device: str = "auto"  # auto: CUDA where available (see learning.devices.resolve_device)
+    #: auto (CUDA where available), cpu or cuda.
+    device: str = "auto"
+    #: Directory where frozen-layer states are kept between runs on the same data (None: recompute).
+    feature_cache_dir: str | None = None
+    #: ILQL hyperparameters.
     ilql: ILQLConfig = field(default_factory=ILQLConfig)
+    #: Per-turn critic and advantage weighting (critic-awr).
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.ilql, dict):
             self.ilql = ILQLConfig(**self.ilql)
+        if isinstance(self.critic, dict):
+            self.critic = CriticConfig(**self.critic)
         if self.algorithm not in ALGORITHMS:
             raise TrainingError(f"unknown algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
         if self.algorithm == "ilql-token":
@@ -121,6 +174,11 @@ class TrainConfig:
         return self.algorithm
 
     @property
+    def uses_critic(self) -> bool:
+        """Whether this run trains the per-turn critic and weights imitation by its advantages."""
+        return self.algorithm == "critic-awr"
+
+    @property
     def uses_values(self) -> bool:
         """Whether this run trains value heads."""
         return self.algorithm.startswith("ilql")
@@ -129,12 +187,13 @@ class TrainConfig:
         """JSON-ready form."""
         data = dataclasses.asdict(self)
         data["ilql"] = self.ilql.to_dict()
+        data["critic"] = dataclasses.asdict(self.critic)
         return data
 
     def fingerprint(self) -> str:
         """A hash of the settings that make a resumed run the same run."""
         data = self.to_dict()
-        for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir", "device"):
+        for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir", "device", "feature_cache_dir"):
             data.pop(volatile, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -203,7 +262,7 @@ class FeatureTable:
     weights: torch.Tensor
     decision: torch.Tensor  # bool: row is a decision point (first token of an agent turn / each turn)
     asks: torch.Tensor  # bool: that agent turn contains a question mark
-    success: torch.Tensor  # bool: the dialogue's reward ≥ 1
+    success: torch.Tensor  # bool: the dialogue succeeded (storage.rewards.is_success)
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -220,29 +279,29 @@ class FeatureTable:
 
 @torch.no_grad()
 def build_feature_table(
-    model: torch.nn.Module,
+    hidden_of: Callable[[Sequence[int]], torch.Tensor],
     items: Sequence[EncodedDialogue],
     item_weights: Sequence[float],
     *,
     level: str,
-    pad_id: int,
     question_ids: set[int],
-    bf16: bool,
     batch_size: int = 16,
     progress: Progress | None = None,
 ) -> FeatureTable:
-    """Run the frozen trunk once over the data and keep the hidden states at the positions ILQL reads."""
-    model.eval()
+    """Keep the frozen trunk's hidden states at the positions ILQL reads, for every dialogue.
+
+    ``hidden_of(indices)`` returns the right-padded last hidden states ``[B, T, d]`` of ``items[indices]``.
+    """
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    device = next(model.parameters()).device
+    device: torch.device | None = None
     states, ends, actions, rewards, dones, next_rows, weights, decision, asks, success = ([] for _ in range(10))
     row = 0
     task_id = progress.add_task("features", total=len(items), terms="") if progress else None
     for start in range(0, len(order), batch_size):
-        chunk = [items[i] for i in order[start : start + batch_size]]
-        batch = collate(chunk, pad_id).to(device)
-        with autocast(bf16, device.type):
-            hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+        indices = order[start : start + batch_size]
+        chunk = [items[i] for i in indices]
+        hidden = hidden_of(indices)
+        device = hidden.device
         hidden = hidden.to(torch.bfloat16)
         for b, item in enumerate(chunk):
             weight = item_weights[order[start + b]]
@@ -284,7 +343,7 @@ def build_feature_table(
                 asks.extend(turn_asks[turn_of[j]] for j in positions)
                 n = len(positions)
             weights.extend([weight] * n)
-            success.extend([(item.reward or 0.0) >= 1.0] * n)
+            success.extend([is_success(item.reward)] * n)
             row += n
         if progress is not None and task_id is not None:
             progress.advance(task_id, len(chunk))
@@ -302,7 +361,7 @@ def build_feature_table(
         asks=torch.tensor(asks, dtype=torch.bool),
         success=torch.tensor(success, dtype=torch.bool),
     )
-    return table.to(device)
+    return table.to(device) if device is not None else table
 
 
 def value_step_loss(
@@ -473,12 +532,12 @@ def train(
     """
     out_dir = Path(out_dir)
     task = task or load_task(config.task)
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if torch.get_num_threads() > 0 else 1)
     seed_everything(config.seed)
     clock = _Clock(config.time_limit_minutes)
 
     replicas = Replicas.join(config.device)  # one process, or this one's place in an `accelerate launch` job
     device = replicas.device
+    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
     base = load_base_model(
         config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None, device=device
     )
@@ -486,13 +545,22 @@ def train(
     encoding = EncodingConfig(max_length=config.max_length, thumbs_weight=config.thumbs_weight)
     needs_reward = config.algorithm != "bc"
     min_reward = config.fbc_min_reward if config.algorithm == "fbc" else None
-    items, summary = encode_records(
+    encoded, summary = encode_records(
         dialogues, tokenizer, task, config=encoding, require_reward=needs_reward, min_reward=min_reward
     )
-    returns = return_range(items)
-    if config.uses_values and returns[0] == returns[1]:
-        raise DatasetError(f"every dialogue has the same return {returns[0]}: there is nothing for ILQL to learn")
-    logger.info("training %s on %d dialogues (%s)", config.resolved_algorithm, len(items), summary.by_source)
+    train_items, held_items = split_held_out(encoded, config.held_out, config.seed)
+    items = train_items + held_items  # one index space for the cached states: training dialogues first
+    held_indices = list(range(len(train_items), len(items)))
+    returns = return_range(train_items)
+    if (config.uses_values or config.uses_critic) and returns[0] == returns[1]:
+        raise DatasetError(f"every dialogue has the same return {returns[0]}: there is nothing for RL to learn")
+    logger.info(
+        "training %s on %d dialogues (%s), %d held out",
+        config.resolved_algorithm,
+        len(train_items),
+        summary.by_source,
+        len(held_items),
+    )
 
     model = base.model
     if init_from is not None:
@@ -502,10 +570,12 @@ def train(
         model = (
             load_lora(model, Path(init_from), trainable=True)
             if manifest.get("has_adapter", True)
-            else attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+            else _attach(model, config)
         )
     else:
-        model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+        model = _attach(model, config)
+    split = frozen_layers(model)
+    upper = UpperStack.of(model, split)
     embedding = output_embedding(model).detach()
     hidden_size = embedding.shape[1]
     heads = ValueHeads(hidden_size, embedding.shape[0], config.ilql).to(device) if config.uses_values else None
@@ -515,7 +585,7 @@ def train(
             heads.load_state_dict(saved)
 
     sampler = MixingSampler(
-        items,
+        train_items,
         batch_size=config.batch_size,
         real_ratio=config.real_ratio,
         source_weights=config.source_weights,
@@ -525,17 +595,20 @@ def train(
     joint = heads is not None and config.ilql.level == "token" and config.ilql.trunk_grad
     policy_params = lora_params + (heads.trainable_parameters() if joint and heads else [])
     optimizer = torch.optim.AdamW(policy_params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.steps, config.warmup)
     value_optimizer = (
         torch.optim.AdamW(heads.trainable_parameters(), lr=config.value_lr, weight_decay=0.0) if heads else None
     )
 
-    state = {"stage": "policy", "step": 0, "value_step": 0, "metrics": {}}
+    state: dict[str, Any] = {"stage": "policy", "step": 0, "value_step": 0, "metrics": {}}
     resume = _resume_dir(out_dir)
     if (resume / "state.json").is_file():
         saved_state = json.loads((resume / "state.json").read_text())
         if saved_state.get("fingerprint") == config.fingerprint():
             _load_resume(resume, model, heads, optimizer, value_optimizer)
             state = saved_state
+            for _ in range(state["step"]):
+                scheduler.step()
             sampler.random.setstate(_tuple_state(saved_state["sampler_rng"]))  # the main replica's
             if replicas.rank:
                 sampler.random.seed(config.seed * 1_000_003 + replicas.rank * 1009 + state["step"])
@@ -552,44 +625,112 @@ def train(
         state["torch_rng"] = torch.get_rng_state().tolist()
         _save_resume(resume, state, model, heads, optimizer, value_optimizer)
 
+    # decoding imports this module (autocast) at load time, so the probes that decode are imported here
+    from learning.probes import final_act_probes, probe_fit_rate
+
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     interrupted = False
+    probes = final_act_probes(task.name, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
     with _progress(progress and replicas.is_main) as bar:
-        # --- stage 1: policy (λ_bc·L_BC; joint ILQL adds L_Q + L_V + λ_cql·L_CQL) -------------------------
-        if state["stage"] == "policy" and state["step"] < config.steps:
+        started = time.monotonic()
+        lower = LowerStates.build(
+            model,
+            [item.input_ids for item in items],
+            split=split,
+            pad_id=tokenizer.pad_token_id,
+            cache_file=lower_cache_file(config, base.model_id, split),
+            progress=bar,
+        )
+        metrics["frozen_layers_seconds"] = round(time.monotonic() - started, 1)
+        # --- stage 0 (critic-awr): per-turn critic → advantage weights for the actor ---------------------
+        if config.uses_critic and "turn_weights" not in state:
+            critic_sampler = MixingSampler(
+                train_items,
+                batch_size=config.batch_size,
+                real_ratio=config.real_ratio,
+                source_weights=config.source_weights,
+                seed=config.seed + 7919,
+            )
+            weights, critic_metrics = train_critic(
+                config.critic, items, held_indices, lower, upper, hidden_size, critic_sampler, bar, clock.deadline
+            )
+            state["turn_weights"] = weights
+            metrics.update(critic_metrics)
+        turn_weights: list[list[float]] | None = state.get("turn_weights")
+
+        # --- stage 1: policy (weighted imitation; joint ILQL adds L_Q + L_V + λ_cql·L_CQL) ----------------
+        objective = ImitationObjective(items, turn_weights, sampler.probabilities(), config.batch_size)
+        if state["stage"] == "policy" and state["step"] < config.steps and not clock.expired():
             model.train()
-            batches: Iterator[list[EncodedDialogue]] = iter(sampler)
+            batches = sampler.index_batches()
             task_id = bar.add_task(
                 f"{config.resolved_algorithm}: policy", total=config.steps, completed=state["step"], terms=""
             )
             tokens, started = 0, time.monotonic()
+            stopper = EarlyStopping(config.patience, lora_params)
+            curve: list[dict[str, float]] = metrics.setdefault("held_out_curve", [])
             while state["step"] < config.steps:
                 terms: dict[str, float] = {}
                 for _ in range(config.grad_accum):
-                    batch = collate(next(batches), tokenizer.pad_token_id).to(device)
-                    with autocast(config.bf16, device.type):
-                        loss, terms = _policy_loss(model, batch, embedding, heads if joint else None, config, returns)
+                    indices = next(batches)
+                    batch = collate([items[i] for i in indices], tokenizer.pad_token_id).to(device)
+                    hidden_in, mask = lower.batch(indices)
+                    with autocast(bf16, device.type):
+                        hidden = upper(hidden_in.to(device), mask.to(device))
+                        loss, terms = _policy_loss(
+                            model,
+                            hidden,
+                            batch,
+                            objective.token_weights(indices, batch),
+                            objective.normalizer,
+                            embedding,
+                            heads if joint else None,
+                            config,
+                            returns,
+                        )
                     (loss / config.grad_accum).backward()
                     tokens += batch.num_tokens
                 replicas.average_gradients(policy_params)
                 torch.nn.utils.clip_grad_norm_(policy_params, 1.0)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if joint and heads is not None:
                     heads.update_targets()
                 state["step"] += 1
                 rate = tokens / max(time.monotonic() - started, 1e-9)
                 metrics.update({f"policy_{k}": v for k, v in terms.items()}, policy_tokens_per_s=rate)
+                done = state["step"] >= config.steps
+                if held_indices and (state["step"] % config.eval_every == 0 or done):
+                    point = {"step": state["step"]}
+                    point.update(held_out_loss(model, upper, items, held_indices, lower, objective, embedding, bf16))
+                    if probes:
+                        point["fit_at_full_knowledge"] = probe_fit_rate(model, tokenizer, probes, task.name, bf16)
+                    curve.append(point)
+                    logger.info("held out at step %d: %s", state["step"], _format_terms(point))
+                    model.train()
+                    if stopper.update(point["objective"], state["step"]):
+                        logger.info(
+                            "early stop at step %d: held-out loss rose %d times", state["step"], config.patience
+                        )
+                        done = True
                 bar.update(task_id, advance=1, terms=_format_terms(terms, rate))
                 if state["step"] % 25 == 0:
                     logger.info("policy step %d/%d %s", state["step"], config.steps, _format_terms(terms, rate))
-                if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
+                if state["step"] % config.checkpoint_every == 0 and not done:
                     state["metrics"] = metrics
                     periodic_save()
                 if replicas.any(clock.expired()):  # every replica stops at the same step
                     interrupted = True
                     break
+                if replicas.any(done):
+                    break
             bar.remove_task(task_id)
+            if stopper.restore():
+                metrics["best_step"] = stopper.best_step
+                metrics["held_out_best"] = stopper.best
+            if curve:
+                metrics.update({f"held_out_{k}": v for k, v in curve[-1].items() if k != "step"})
         if not interrupted and heads is not None and not joint and replicas.is_main:
             # the value stage trains small heads on cached features: the main replica alone does it
             state["stage"] = "value"
@@ -597,19 +738,23 @@ def train(
         value_stage = state["stage"] == "value" and heads is not None and value_optimizer is not None
         if value_stage and replicas.is_main and not interrupted:
             model.eval()
-            probabilities = _item_probabilities(sampler)
+            probabilities = sampler.probabilities()
             features_from_base = config.ilql.value_features == "base" and hasattr(model, "disable_adapter")
-            with model.disable_adapter() if features_from_base else contextlib.nullcontext():
-                table = build_feature_table(
-                    model,
-                    items,
-                    probabilities,
-                    level=config.ilql.level,
-                    pad_id=tokenizer.pad_token_id,
-                    question_ids=_question_token_ids(tokenizer),
-                    bf16=config.bf16,
-                    progress=bar,
-                )
+
+            def hidden_of(indices: Sequence[int]) -> torch.Tensor:
+                hidden_in, mask = lower.batch(indices)
+                adapter = model.disable_adapter() if features_from_base else contextlib.nullcontext()
+                with adapter, autocast(bf16, device.type):
+                    return upper(hidden_in.to(device), mask.to(device))
+
+            table = build_feature_table(
+                hidden_of,
+                train_items,
+                probabilities,
+                level=config.ilql.level,
+                question_ids=_question_token_ids(tokenizer),
+                progress=bar,
+            )
             generator = torch.Generator(device=device).manual_seed(config.seed + state["value_step"])
             task_id = bar.add_task("ilql: value", total=config.value_steps, completed=state["value_step"], terms="")
             started, seen = time.monotonic(), 0
@@ -648,6 +793,8 @@ def train(
         value_steps=state["value_step"],
         interrupted_by_time_limit=interrupted,
         return_range=list(returns),
+        frozen_layers=split,
+        held_out_dialogues=len(held_items),
         train_seconds=round(time.monotonic() - clock.start, 1),
     )
     if heads is not None:
@@ -662,23 +809,110 @@ def train(
     return out_dir
 
 
+def _attach(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    return attach_lora(
+        model, rank=config.lora_rank, alpha=config.lora_alpha, mlp=config.lora_mlp, upper_layers=config.upper_layers
+    )
+
+
+def frozen_layers(model: torch.nn.Module) -> int:
+    """How many bottom decoder layers the adapter leaves untouched (their output can be cached)."""
+    from peft import PeftModel
+
+    total = num_layers(model)
+    if not isinstance(model, PeftModel):
+        return total
+    adapted = model.peft_config[model.active_adapter].layers_to_transform
+    if adapted is None:
+        return 0
+    return min([adapted] if isinstance(adapted, int) else adapted)
+
+
+def lower_cache_file(config: TrainConfig, model_id: str, split: int) -> Path | None:
+    """Where this base model's frozen-layer states are kept between runs (``None``: not kept)."""
+    if not config.feature_cache_dir:
+        return None
+    key = hashlib.sha256(f"{model_id}:{split}".encode()).hexdigest()[:12]
+    return Path(config.feature_cache_dir) / f"lower-{key}.safetensors"
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` × ``steps``, then cosine decay to a tenth of the peak learning rate."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=max(1, round(warmup * steps)), num_training_steps=max(1, steps), min_lr_rate=0.1
+    )
+
+
+class ImitationObjective:
+    """Weighted imitation: every action token of agent turn k weighs ``w_k`` (1 for BC and filtered BC).
+
+    The loss of a batch is ``Σ w·(−log π(a|s)) / normalizer`` with a constant normalizer, the expected weighted
+    action tokens of a batch under the sampler (``batch_size · Σ_i p_i · Σ_k w_ik·|u_ik|``). So each action
+    token counts the same whatever the batch it lands in: a per-batch mean over tokens would give the tokens
+    of short dialogues more weight, and length-grouped batches make that bias large.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[EncodedDialogue],
+        turn_weights: Sequence[Sequence[float]] | None,
+        probabilities: Sequence[float],
+        batch_size: int,
+    ) -> None:
+        self.items = items
+        self.turn_weights = turn_weights
+        expected = sum(p * self.weighted_tokens(i) for i, p in enumerate(probabilities))
+        self.normalizer = max(batch_size * expected, 1e-9)
+
+    def weights_of(self, index: int) -> list[float]:
+        """Per-turn weights of dialogue ``index``."""
+        if self.turn_weights is None:
+            return [1.0] * len(self.items[index].turn_end)
+        return list(self.turn_weights[index])
+
+    def weighted_tokens(self, index: int) -> float:
+        """``Σ_k w_k·|u_k|`` of one dialogue."""
+        item = self.items[index]
+        return sum(
+            w * (end - state)
+            for w, state, end in zip(self.weights_of(index), item.turn_state, item.turn_end, strict=True)
+        )
+
+    def token_weights(self, indices: Sequence[int], batch: Any) -> torch.Tensor:
+        """``[B, T]`` weights aligned with the batch's tokens (0 where a token is no action)."""
+        weights = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for row, index in enumerate(indices):
+            item = self.items[index]
+            for w, state, end in zip(self.weights_of(index), item.turn_state, item.turn_end, strict=True):
+                weights[row, state + 1 : end + 1] = w
+        return weights.to(batch.input_ids.device)
+
+
 def _policy_loss(
     model: torch.nn.Module,
+    hidden: torch.Tensor,
     batch: Any,
+    token_weights: torch.Tensor,
+    normalizer: float,
     embedding: torch.Tensor,
     heads: ValueHeads | None,
     config: TrainConfig,
     returns: tuple[float, float],
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``λ_bc·L_BC`` over action tokens only (logits computed just there), plus the joint value loss."""
-    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+    """``λ_bc·Σ w·(−log π(a|s)) / normalizer`` over action tokens (logits only there), plus the joint value loss.
+
+    ``hidden`` is the trunk's last hidden state for ``batch``; ``terms["bc"]`` is the unweighted mean NLL.
+    """
     mask = batch.action_mask[:, 1:]
     states = hidden[:, :-1][mask]
     actions = batch.input_ids[:, 1:][mask]
     logits = states @ embedding.t() if _tied(model) else _lm_head(model)(states)
-    loss_bc = bc_loss(logits, actions)
+    nll = token_nll(logits, actions)
+    loss_bc = (token_weights[:, 1:][mask] * nll).sum() / normalizer
     loss = config.ilql.bc_weight * loss_bc
-    terms = {"bc": loss_bc.item()}
+    terms = {"bc": nll.mean().item(), "weighted_bc": loss_bc.item()}
     if heads is not None:  # the paper's joint objective: value gradients reach the trunk
         rows = mask.nonzero()
         next_positions = batch.next_state[:, 1:][mask]
@@ -689,6 +923,71 @@ def _policy_loss(
         loss = loss + value.loss
         terms.update(value.terms)
     return loss, terms
+
+
+@torch.no_grad()
+def held_out_loss(
+    model: torch.nn.Module,
+    upper: UpperStack,
+    items: Sequence[EncodedDialogue],
+    indices: Sequence[int],
+    lower: LowerStates,
+    objective: ImitationObjective,
+    embedding: torch.Tensor,
+    bf16: bool,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Mean NLL per action token (``nll``) and the weighted objective per unit weight (``objective``)."""
+    model.eval()
+    device = embedding.device
+    total_nll = total_weighted = total_weight = 0.0
+    count = 0
+    for start in range(0, len(indices), batch_size):
+        chunk = list(indices[start : start + batch_size])
+        batch = collate([items[i] for i in chunk], 0).to(device)
+        hidden_in, mask = lower.batch(chunk)
+        with autocast(bf16, device.type):
+            hidden = upper(hidden_in.to(device), mask.to(device))
+        action = batch.action_mask[:, 1:]
+        states = hidden[:, :-1][action].float()
+        logits = states @ embedding.t().float() if _tied(model) else _lm_head(model)(states).float()
+        nll = token_nll(logits, batch.input_ids[:, 1:][action])
+        weights = objective.token_weights(chunk, batch)[:, 1:][action]
+        total_nll += nll.sum().item()
+        count += nll.numel()
+        total_weighted += (weights * nll).sum().item()
+        total_weight += weights.sum().item()
+    return {"nll": total_nll / max(count, 1), "objective": total_weighted / max(total_weight, 1e-9)}
+
+
+class EarlyStopping:
+    """Keeps the trainable weights of the best held-out objective; says stop after ``patience`` rises in a row."""
+
+    def __init__(self, patience: int, parameters: Sequence[torch.nn.Parameter]) -> None:
+        self.patience = patience
+        self.parameters = list(parameters)
+        self.best = math.inf
+        self.best_step = 0
+        self.worse = 0
+        self._best_weights: list[torch.Tensor] | None = None
+
+    def update(self, value: float, step: int) -> bool:
+        """Record a held-out value; ``True`` when training should stop."""
+        if value < self.best - 1e-4:
+            self.best, self.best_step, self.worse = value, step, 0
+            self._best_weights = [p.detach().clone() for p in self.parameters]
+            return False
+        self.worse += 1
+        return self.patience > 0 and self.worse >= self.patience
+
+    def restore(self) -> bool:
+        """Put the best weights back (``False`` when none were recorded)."""
+        if self._best_weights is None:
+            return False
+        with torch.no_grad():
+            for parameter, best in zip(self.parameters, self._best_weights, strict=True):
+                parameter.copy_(best)
+        return True
 
 
 def _tied(model: torch.nn.Module) -> bool:
@@ -705,17 +1004,6 @@ def _lm_head(model: torch.nn.Module) -> torch.nn.Module:
     from learning.lora import causal_lm
 
     return causal_lm(model).get_output_embeddings()
-
-
-def _item_probabilities(sampler: MixingSampler) -> list[float]:
-    """Each dialogue's probability under the mixing sampler (used to weight cached transitions)."""
-    probabilities = [0.0] * len(sampler.items)
-    for is_real, (indices, weights) in sampler._sides.items():
-        side_probability = sampler.real_ratio if is_real else 1.0 - sampler.real_ratio
-        total = sum(weights) or 1.0
-        for index, weight in zip(indices, weights, strict=True):
-            probabilities[index] = side_probability * weight / total
-    return probabilities
 
 
 def _question_token_ids(tokenizer: Any) -> set[int]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from imagine.simulated.base import UserTurn
 from imagine.task import TaskSpec
+from storage.rewards import is_success
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class LLMUser:
                 temperature=0.0,
             )
             self.reward, self.reason = parse_judgement(answer)
-            self.outcome = "judged_success" if self.reward >= 0.5 else "judged_failure"
+            self.outcome = "judged_success" if is_success(self.reward) else "judged_failure"
             logger.debug("judge: reward %.2f (%s)", self.reward, self.reason)
         return self.reward
 

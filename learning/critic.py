@@ -1,0 +1,291 @@
+"""A per-turn critic on the frozen lower layers, and the advantage weights it gives the actor.
+
+The critic reads a dialogue the way the policy does — the cached lower-layer states (``learning.split_trunk``)
+through its *own* copy of the upper layers with its own LoRA adapter — and predicts, at every agent turn k,
+
+    Q(s_k, u_k) at the last token of the reply u_k   (it has read the history and the reply)
+    V(s_k)      at the token before the reply        (it has read the history only)
+
+regressed on the Monte-Carlo return of the dialogue from that turn (γ = 1, as LMRL-Gym's MC critics)::
+
+    G_k   = Σ_{j ≥ k} r_j                              (terminal reward + per-turn 👍/👎 rewards)
+    L     = (Q(s_k, u_k) − G_k)² + (V(s_k) − G_k)²
+
+V regresses on the same returns without seeing u_k, so it learns the behaviour data's expected return from
+s_k and ``A_k = Q(s_k, u_k) − V(s_k)`` says how much better u_k was than what the data usually did there.
+Cross-attention between the reply and the whole history (unlike mean-pooled features) lets Q represent
+"this recommendation fits these answers". Held-out dialogues stop training before it memorises outcomes.
+
+The actor is then trained by advantage-weighted regression (Peng et al. 2019), one weight per agent turn::
+
+    w_k = min(exp(A_k / T), w_max)
+    L_actor = Σ_k w_k · (−log π(u_k | s_k))            (summed over u_k's tokens)
+
+which distils "do what the critic prefers" into the LoRA policy itself: serving decodes one reply at the cost
+of BC, with no value heads and no reranking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import inject_adapter_in_model
+from rich.progress import Progress
+from torch import nn
+
+from learning.dataset import EncodedDialogue, MixingSampler
+from learning.ilql import ScalarHead
+from learning.lora import lora_config
+from learning.split_trunk import LowerStates, UpperStack
+from storage.rewards import is_success
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CriticConfig:
+    """The per-turn critic and the advantage weighting of the actor (``critic-awr``)."""
+
+    #: Critic optimizer steps at most (early stopping on held-out MSE may end sooner).
+    steps: int = 400
+    #: Critic learning rate (LoRA and heads), warm-up then cosine decay.
+    lr: float = 1e-3
+    #: The critic's LoRA rank and alpha (its adapter is its own, on a copy of the upper layers).
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    #: AWR temperature T: a turn with advantage A weighs exp(A/T); returns are in [0, 1], so 0.1 makes a
+    #: 0.3 better reply count e³ ≈ 20 times more.
+    temperature: float = 0.1
+    #: Largest weight of one turn (keeps one lucky estimate from dominating the actor's loss).
+    max_weight: float = 20.0
+    #: Critic steps between held-out evaluations.
+    eval_every: int = 50
+    #: Held-out evaluations without improvement before the critic stops.
+    patience: int = 3
+
+
+def turn_returns(item: EncodedDialogue) -> list[float]:
+    """``G_k = Σ_{j ≥ k} r_j`` for each agent turn of ``item`` (undiscounted Monte-Carlo returns)."""
+    returns: list[float] = []
+    total = 0.0
+    for reward in reversed(item.turn_rewards):
+        total += reward
+        returns.append(total)
+    return returns[::-1]
+
+
+class TurnCritic(nn.Module):
+    """``Q(s, u)`` and ``V(s)`` per agent turn, from an independent LoRA-adapted copy of the upper layers."""
+
+    def __init__(self, upper: UpperStack, hidden_size: int, *, rank: int, alpha: int, mlp: bool) -> None:
+        super().__init__()
+        self.trunk = upper.copy()
+        config = lora_config(rank=rank, alpha=alpha, mlp=mlp)
+        inject_adapter_in_model(config, self.trunk)
+        for name, parameter in self.trunk.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        self.q = ScalarHead(hidden_size, 2 * hidden_size)
+        self.v = ScalarHead(hidden_size, 2 * hidden_size)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The LoRA weights of the copied layers and both heads."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(
+        self, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, V)`` for every agent turn of the dialogues ``indices`` (flattened in order), ``[N]`` each."""
+        hidden, mask = lower.batch(indices)
+        out = self.trunk(hidden, mask)
+        rows, states, ends = [], [], []
+        for row, index in enumerate(indices):
+            item = items[index]
+            rows.extend([row] * len(item.turn_end))
+            states.extend(item.turn_state)
+            ends.extend(item.turn_end)
+        row_index = torch.tensor(rows, device=out.device)
+        q = self.q(out[row_index, torch.tensor(ends, device=out.device)])
+        v = self.v(out[row_index, torch.tensor(states, device=out.device)])
+        return q, v
+
+
+def critic_loss(
+    critic: TurnCritic, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``mean (Q − G)² + mean (V − G)²`` over the agent turns of dialogues ``indices``."""
+    q, v = critic(items, indices, lower)
+    targets = torch.tensor([g for i in indices for g in turn_returns(items[i])], device=q.device)
+    loss_q, loss_v = F.mse_loss(q, targets), F.mse_loss(v, targets)
+    return loss_q + loss_v, {"q_mse": loss_q.item(), "v_mse": loss_v.item()}
+
+
+@dataclass(frozen=True)
+class AdvantageWeights:
+    """Per-turn AWR weights ``min(exp(A/T), w_max)`` of every dialogue, and the advantages behind them."""
+
+    advantages: list[list[float]]
+    weights: list[list[float]]
+
+    @classmethod
+    def from_advantages(cls, advantages: list[list[float]], temperature: float, max_weight: float) -> AdvantageWeights:
+        """Turn advantages into weights (``temperature`` T, clipped at ``max_weight``)."""
+        weights = [[min(math.exp(min(a / temperature, 50.0)), max_weight) for a in per_turn] for per_turn in advantages]
+        return cls(advantages, weights)
+
+
+@torch.no_grad()
+def turn_advantages(
+    critic: TurnCritic, items: Sequence[EncodedDialogue], lower: LowerStates, batch_size: int = 16
+) -> list[list[float]]:
+    """``A_k = Q(s_k, u_k) − V(s_k)`` for every agent turn of every dialogue (eval mode, no gradient)."""
+    critic.eval()
+    advantages: list[list[float]] = []
+    for start in range(0, len(items), batch_size):
+        indices = list(range(start, min(start + batch_size, len(items))))
+        q, v = critic(items, indices, lower)
+        flat = (q - v).tolist()
+        offset = 0
+        for index in indices:
+            n = len(items[index].turn_end)
+            advantages.append(flat[offset : offset + n])
+            offset += n
+    critic.train()
+    return advantages
+
+
+class _Stop:
+    """The best critic weights by held-out loss; stop after ``patience`` evaluations without improvement."""
+
+    def __init__(self, critic: TurnCritic, patience: int) -> None:
+        self.critic = critic
+        self.patience = patience
+        self.best = math.inf
+        self.best_step = 0
+        self.worse = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, value: float, step: int) -> bool:
+        if value < self.best - 1e-5:
+            self.best, self.best_step, self.worse = value, step, 0
+            self.state = {k: v.detach().clone() for k, v in self.critic.state_dict().items()}
+            return False
+        self.worse += 1
+        return self.worse >= self.patience
+
+    def restore(self) -> None:
+        if self.state is not None:
+            self.critic.load_state_dict(self.state)
+
+
+@torch.no_grad()
+def held_out_mse(
+    critic: TurnCritic, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
+) -> dict[str, float]:
+    """Q and V mean squared errors over the agent turns of ``indices`` (eval mode)."""
+    critic.eval()
+    totals = {"q_mse": 0.0, "v_mse": 0.0}
+    turns = 0
+    for start in range(0, len(indices), 16):
+        chunk = list(indices[start : start + 16])
+        _, terms = critic_loss(critic, items, chunk, lower)
+        n = sum(len(items[i].turn_end) for i in chunk)
+        for key in totals:
+            totals[key] += terms[key] * n
+        turns += n
+    critic.train()
+    return {key: value / max(turns, 1) for key, value in totals.items()}
+
+
+def train_critic(
+    config: CriticConfig,
+    items: Sequence[EncodedDialogue],
+    held_indices: Sequence[int],
+    lower: LowerStates,
+    upper: UpperStack,
+    hidden_size: int,
+    sampler: MixingSampler,
+    progress: Progress | None = None,
+    deadline: float = math.inf,
+) -> tuple[list[list[float]], dict[str, Any]]:
+    """Train the per-turn critic, then return every dialogue's per-turn AWR weights and the critic's metrics.
+
+    ``sampler`` draws training dialogues (indices into ``items``); ``held_indices`` are never trained on and
+    stop training when their MSE stops falling. ``deadline`` is a ``time.monotonic()`` value.
+    """
+    from learning.trainer import warmup_cosine  # one schedule for every stage
+
+    device = lower.states[0].device
+    critic = TurnCritic(upper, hidden_size, rank=config.lora_rank, alpha=config.lora_alpha, mlp=True).to(device)
+    critic.train()
+    parameters = critic.trainable_parameters()
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr)
+    scheduler = warmup_cosine(optimizer, config.steps, 0.05)
+    stopper = _Stop(critic, config.patience)
+    batches = sampler.index_batches()
+    curve: list[dict[str, float]] = []
+    task_id = progress.add_task("critic", total=config.steps, terms="") if progress else None
+    started = time.monotonic()
+    step = 0
+    for step in range(1, config.steps + 1):
+        loss, terms = critic_loss(critic, items, next(batches), lower)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None and task_id is not None:
+            progress.update(task_id, advance=1, terms=" ".join(f"{k}={v:.3f}" for k, v in terms.items()))
+        stop = time.monotonic() > deadline
+        if held_indices and (step % config.eval_every == 0 or step == config.steps):
+            point = {"step": float(step), **held_out_mse(critic, items, held_indices, lower)}
+            curve.append(point)
+            logger.info("critic held out at step %d: q_mse=%.4f v_mse=%.4f", step, point["q_mse"], point["v_mse"])
+            stop = stopper.update(point["q_mse"] + point["v_mse"], step) or stop
+        if stop:
+            break
+    if progress is not None and task_id is not None:
+        progress.remove_task(task_id)
+    stopper.restore()
+    advantages = turn_advantages(critic, items, lower)
+    weights = AdvantageWeights.from_advantages(advantages, config.temperature, config.max_weight)
+    metrics: dict[str, Any] = {
+        "critic_steps": step,
+        "critic_best_step": stopper.best_step,
+        "critic_seconds": round(time.monotonic() - started, 1),
+        "critic_curve": curve,
+        **advantage_diagnostics(items, advantages, weights.weights, held_indices),
+    }
+    logger.info("critic: %s", {k: v for k, v in metrics.items() if k != "critic_curve"})
+    return weights.weights, metrics
+
+
+def advantage_diagnostics(
+    items: Sequence[EncodedDialogue],
+    advantages: Sequence[Sequence[float]],
+    weights: Sequence[Sequence[float]],
+    held_indices: Sequence[int],
+) -> dict[str, float]:
+    """Mean advantage of turns in successful vs failed training dialogues, of final vs earlier turns, and the
+    share of the actor's weight each group gets (to read what the critic prefers)."""
+    held = set(held_indices)
+    groups: dict[str, list[tuple[float, float]]] = {"success": [], "failure": [], "last_turn": [], "earlier": []}
+    for index, item in enumerate(items):
+        if index in held:
+            continue
+        for k, (a, w) in enumerate(zip(advantages[index], weights[index], strict=True)):
+            groups["success" if is_success(item.reward) else "failure"].append((a, w))
+            groups["last_turn" if k == len(item.turn_end) - 1 else "earlier"].append((a, w))
+    total_weight = sum(w for a, w in groups["success"] + groups["failure"]) or 1.0
+    out: dict[str, float] = {}
+    for name, values in groups.items():
+        if values:
+            out[f"A_{name}"] = sum(a for a, _ in values) / len(values)
+            out[f"weight_share_{name}"] = sum(w for _, w in values) / total_weight
+    return out

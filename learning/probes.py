@@ -1,0 +1,77 @@
+"""A task metric logged during training: does the policy act correctly once it knows everything?
+
+For tasks with a scripted user (travel, teaching) a *probe* is a held-out state at which the data's agent had
+learned every hidden attribute from the user's answers (``ScriptedTask.known_from_history``). The policy's
+greedy reply there should be a final act that fits the persona — for travel, a recommendation consistent
+with everything the traveller already said. This is what imitation has to get right for the task to be
+solvable at all, measured without a simulator and without the evaluation personas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from imagine.simulated import scripted_task, scripted_tasks
+from learning.dataset import EncodedDialogue, end_of_turn_id, record_messages
+from learning.decoding import DecodeConfig, decode
+from storage import DialogueRecord
+
+
+@dataclass(frozen=True)
+class ActProbe:
+    """A state (the training prefix up to the agent's turn) and the hidden persona the act must fit."""
+
+    prompt: list[int]
+    persona: dict[str, Any]
+
+
+def final_act_probes(
+    task_name: str, records: Sequence[DialogueRecord], items: Sequence[EncodedDialogue], *, limit: int
+) -> list[ActProbe]:
+    """Up to ``limit`` probes from ``items`` (encoded from ``records``); none for tasks without a scripted user."""
+    if task_name not in scripted_tasks() or limit <= 0:
+        return []
+    task = scripted_task(task_name)
+    probes: list[ActProbe] = []
+    for item in items:
+        record = records[item.origin] if 0 <= item.origin < len(records) else None
+        if record is None or not record.persona:
+            continue
+        messages = record_messages(record)
+        for state, message_index in zip(item.turn_state, item.turn_message, strict=True):
+            if len(task.known_from_history(messages[:message_index])) == len(task.attributes):
+                probes.append(ActProbe(item.input_ids[: state + 1], dict(record.persona)))
+                break  # one probe per dialogue: more personas, not more turns of one
+        if len(probes) >= limit:
+            break
+    return probes
+
+
+def probe_fit_rate(
+    model: torch.nn.Module, tokenizer: Any, probes: Sequence[ActProbe], task_name: str, bf16: bool
+) -> float:
+    """Share of probes at which the greedy reply is a final act that fits the persona."""
+    if not probes:
+        return 0.0
+    task = scripted_task(task_name)
+    was_training = model.training
+    model.eval()
+    end_id = end_of_turn_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+    decoded = decode(
+        model,
+        [probe.prompt for probe in probes],
+        end_id=end_id,
+        pad_id=pad_id,
+        config=DecodeConfig(max_new_tokens=40, temperature=0.0, bf16=bf16),
+    )
+    model.train(was_training)
+    fits = 0
+    for probe, tokens in zip(probes, decoded.tokens, strict=True):
+        act = task.final_act(tokenizer.decode(tokens, skip_special_tokens=True))
+        fits += act is not None and task.act_fits(probe.persona, act)
+    return fits / len(probes)
