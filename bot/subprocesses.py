@@ -2,6 +2,12 @@
 
 The event loop never blocks on them: each step is an ``asyncio`` subprocess in its own process group at
 low CPU priority, with a time limit; cancelling the awaiting task terminates the whole group.
+
+Low priority alone does not keep serving responsive: ``nice`` only matters when both want the same core, and a
+child whose OpenMP pool spans every core makes the serving thread share its core with a spinning worker (on
+2 cores, p50 reply latency rose ~40 % during an improvement run). So a low-priority step is also *confined*:
+its CPU affinity is the CPUs serving does not use (:func:`training_cpus`; inherited by its own children) and
+its thread pools are sized to them (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so serving keeps its cores.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -31,8 +37,43 @@ def reverie_command(*args: str) -> list[str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _prepare_child(low_priority: bool) -> None:
-    """Runs in the child before exec: die with the parent (Linux), and yield the CPU to chats."""
+def serving_threads() -> int:
+    """Threads the serving process computes with: ``TORCH_THREADS``, else half the CPUs it may use (as
+    :attr:`bot.settings.Settings.resolved_torch_threads` decides)."""
+    configured = os.environ.get("TORCH_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return max(1, len(_available_cpus()) // 2)
+
+
+def _available_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: no affinity control
+        return list(range(os.cpu_count() or 1))
+
+
+def training_cpus(serving: int | None = None) -> list[int] | None:
+    """The CPUs a confined child may use: those this process may use, less ``serving`` kept for serving
+    (default :func:`serving_threads`); the child gets the lowest-numbered ones. ``None`` where there is nothing to
+    split (one CPU, or no affinity control): the child then only runs at low priority."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    available = _available_cpus()
+    if len(available) < 2:
+        return None
+    keep = min(serving if serving is not None else serving_threads(), len(available) - 1)
+    return available[: len(available) - keep]
+
+
+def confinement_env(cpus: Collection[int]) -> dict[str, str]:
+    """Thread-pool sizes for a child confined to ``cpus`` (OpenMP and MKL, which torch uses on the CPU)."""
+    threads = str(max(1, len(cpus)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "REVERIE_CHILD_CPUS": ",".join(map(str, cpus))}
+
+
+def _prepare_child(low_priority: bool, cpus: Collection[int] | None = None) -> None:
+    """Runs in the child before exec: die with the parent (Linux), yield the CPU to chats, keep to ``cpus``."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
@@ -40,6 +81,9 @@ def _prepare_child(low_priority: bool) -> None:
     if low_priority:
         with contextlib.suppress(OSError):
             os.nice(10)
+    if cpus:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setaffinity(0, set(cpus))
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -71,11 +115,17 @@ async def run_step(
     env: Mapping[str, str] | None = None,
     low_priority: bool = True,
     grace_s: float = 10.0,
+    cpus: Collection[int] | None = None,
 ) -> None:
     """Run ``command`` to completion, logging to ``log_path``; raise :class:`StepFailedError` on failure.
 
-    Cancellation (or the time limit) terminates the child's whole process group, SIGTERM then SIGKILL.
+    A ``low_priority`` step is niced and confined to ``cpus`` (default :func:`training_cpus`) with thread pools
+    of that size; ``env`` may still set the pool sizes itself. Cancellation (or the time limit) terminates the
+    child's whole process group, SIGTERM then SIGKILL.
     """
+    if cpus is None and low_priority:
+        cpus = training_cpus()
+    confined = confinement_env(cpus) if cpus else {}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
@@ -83,11 +133,12 @@ async def run_step(
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **confined, **(env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # its own process group, so we can end grandchildren too
-            preexec_fn=functools.partial(_prepare_child, low_priority),  # prctl + nice only: safe before exec
+            # prctl, nice and sched_setaffinity: system calls only, safe before exec
+            preexec_fn=functools.partial(_prepare_child, low_priority, list(cpus) if cpus else None),
         )
-        logger.info("step %s started (pid %d)", name, process.pid)
+        logger.info("step %s started (pid %d, cpus %s)", name, process.pid, ",".join(map(str, cpus or [])) or "all")
         try:
             returncode = await asyncio.wait_for(process.wait(), time_limit_s)
         except TimeoutError:

@@ -89,3 +89,20 @@ def test_a_step_dies_with_its_parent(tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert not _alive(grandchild)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+async def test_a_low_priority_step_keeps_off_the_serving_cpus(tmp_path: Path) -> None:
+    """Training children get the CPUs serving does not use, and thread pools of that size (not only nice)."""
+    from bot.subprocesses import training_cpus
+
+    available = sorted(os.sched_getaffinity(0))
+    cpus = training_cpus(serving=1)
+    assert cpus == available[:-1]
+    log = tmp_path / "step.log"
+    script = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], os.nice(0))"
+    await run_step("confined", [sys.executable, "-c", script], log_path=log, time_limit_s=30, cpus=cpus)
+    assert log.read_text().split("\n")[0] == f"{cpus} {len(cpus)} 10"
+    await run_step("free", [sys.executable, "-c", script], log_path=log, time_limit_s=30, low_priority=False)
+    assert log.read_text().split("\n")[1].startswith(f"{available} ")
+    assert training_cpus(serving=len(available) + 3) == available[:1]  # a child always gets one CPU
