@@ -1,23 +1,37 @@
-"""Benchmark: reply tokens/s — HF ``generate`` vs our decoding (plain, token-level ILQL, utterance reranking),
-and aggregate tokens/s at 1, 4 and 8 concurrent chats through the policy's micro-batcher.
+"""Benchmark: reply tokens/s per policy kind vs HF ``generate``, one stream and 1/4/8/16 concurrent chats.
 
-Every row generates exactly ``--tokens`` tokens per reply (end-of-turn disabled) under bf16 autocast, sampling
-with top-k 20 and temperature 0.7, so rows differ only by the decoding method. ILQL heads are freshly
-initialised: speed does not depend on what they learned. Token-level ILQL with ``value_features="base"``
-runs the adapter-free base model in lockstep (its own KV cache); ``policy`` features cost no extra forward.
+Every reply is exactly ``--tokens`` tokens (end-of-turn disabled), top-k 20, temperature 0.7, so rows differ
+only by the decoding method. The reference is HF ``generate`` on the same model, one stream: the faster of
+fp32 and bf16 weights (both without autocast, which re-casts every weight on every step and is slower still;
+that variant is printed for comparison). Concurrent chats go through the policy's real ``respond`` (the
+continuous batcher) with a distinct history each, and are compared with HF ``generate`` batched over the same
+histories (left-padded). ILQL heads are freshly initialised: speed does not depend on what they learned.
 
-Usage: ``.venv/bin/python bench/decode.py [--quick] [--tokens 32] [--no-append]``
+Policy kinds: the prompted base model, BC/FBC and the default RL policy (a LoRA actor, merged) decode the same
+way — plain sampling through the policy trunk — so one row stands for all of them ("default"). Token-level ILQL
+adds ``β·(Q̄ − V)`` over the top-k (value features from the policy trunk, or from the base trunk decoding in
+lockstep); utterance-level ILQL samples K replies per prompt and reranks them.
+
+Also measured: a conversation's second turn with and without the prefix cache (its first turn's keys/values).
+
+Writes the table (with whether the machine was declared quiet) to BENCHMARKS.md and a summary to
+``bench/results/decode.json``, unless ``--no-append``.
+
+Usage: ``.venv/bin/python bench/decode.py --tokens 40 --threads 2 --quiet-machine``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -29,141 +43,326 @@ sys.path.insert(0, str(ROOT))
 from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
 from imagine.task import load_task  # noqa: E402
 from learning.base_model import load_base_model  # noqa: E402
-from learning.decoding import DecodeConfig, decode, rerank_utterances  # noqa: E402
+from learning.decoding import DecodeConfig, left_pad  # noqa: E402
 from learning.ilql import ILQLConfig, ValueHeads  # noqa: E402
-from learning.interface import Message  # noqa: E402
+from learning.interface import History, Message  # noqa: E402
 from learning.policy import LearnedPolicy  # noqa: E402
 from learning.trainer import autocast  # noqa: E402
 
 NEVER = -1  # an end-of-turn id no token has: every reply runs to the token budget
+RESULTS = ROOT / "bench" / "results" / "decode.json"
+USER_LINES = [
+    "A weekend away with my partner, we love good food.",
+    "I want somewhere quiet with long walks and old churches.",
+    "We are a family of four, the kids love beaches.",
+    "Something cheap in a big city, I like museums.",
+    "My friends and I want an adventure, maybe hiking.",
+    "I like jazz and late dinners, not too busy.",
+    "A slow week by a lake, reading and swimming.",
+    "We love history and castles, budget is medium.",
+]
+
+
+def histories(count: int) -> list[History]:
+    """``count`` distinct two-message histories (so chats share only the system prompt, as real ones do)."""
+    task = load_task("travel")
+    return [
+        [Message("agent", task.opening_line), Message("user", f"{USER_LINES[i % len(USER_LINES)]} (chat {i})")]
+        for i in range(count)
+    ]
+
+
+class Bench:
+    """Runs every measurement on one model and keeps the rows."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.n = args.tokens
+        base = load_base_model(args.base_model)
+        self.model, self.tokenizer = base.model, base.tokenizer
+        self.task = load_task("travel")
+        self.rows: list[dict[str, Any]] = []
+        self.console = Console()
+
+    def timed(self, run: Callable[[], object]) -> float:
+        """Seconds of the best of ``--repeats`` runs after one warm-up."""
+        run()
+        best = float("inf")
+        for _ in range(self.args.repeats):
+            started = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    def add(self, key: str, label: str, streams: int, seconds: float, **extra: Any) -> float:
+        rate = streams * self.n / seconds
+        self.rows.append({"key": key, "method": label, "streams": streams, "tokens_per_s": rate, **extra})
+        self.console.print(f"{label}: {rate:.1f} tok/s")
+        return rate
+
+    # --- HF generate --------------------------------------------------------------------------------------
+
+    def hf_generate(self, model: torch.nn.Module, count: int, *, use_autocast: bool = False) -> Callable[[], None]:
+        prompts = [self.prompt(h) for h in histories(count)]
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+
+        def run() -> None:
+            with torch.inference_mode(), autocast(use_autocast):
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=self.n,
+                    min_new_tokens=self.n,
+                    do_sample=True,
+                    top_k=20,
+                    temperature=0.7,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+
+        return run
+
+    def prompt(self, history: History) -> list[int]:
+        policy = LearnedPolicy(self.model, self.tokenizer, self.task, name="p", algorithm="p", engine=False)
+        return policy.prompt_ids(history)
+
+    # --- ours ---------------------------------------------------------------------------------------------
+
+    def policy(self, *, heads: ValueHeads | None = None, value_model: Any = None, **config: Any) -> LearnedPolicy:
+        decode_config = DecodeConfig(max_new_tokens=self.n, temperature=0.7, top_k=20, **config)
+        policy = LearnedPolicy(
+            self.model,
+            self.tokenizer,
+            self.task,
+            name="bench",
+            algorithm="bench",
+            heads=heads,
+            value_model=value_model,
+            decode_config=decode_config,
+            max_batch=max(self.args.chats),
+        )
+        assert policy.engine is not None, "the engine does not support this model"
+        policy._end_id = NEVER
+        policy.engine.end_id = NEVER
+        return policy
+
+    def one_stream(self, policy: LearnedPolicy) -> Callable[[], None]:
+        history = histories(1)
+
+        def run() -> None:
+            assert policy.engine is not None
+            policy.engine.prefix.clear()  # the timed run encodes its prompt like generate does
+            policy.engine.value_prefix.clear()
+            policy.respond_batch(history)
+
+        return run
+
+    def chats(self, policy: LearnedPolicy, count: int) -> Callable[[], None]:
+        chat_histories = histories(count)
+
+        async def concurrent() -> None:
+            await asyncio.gather(*(policy.respond(h) for h in chat_histories))
+
+        def run() -> None:
+            assert policy.engine is not None
+            policy.engine.prefix.clear()
+            asyncio.run(concurrent())
+
+        return run
+
+    def second_turn(self, policy: LearnedPolicy) -> tuple[float, float]:
+        """Seconds for a conversation's second reply with the first turn cached, and without any cache."""
+        assert policy.engine is not None
+        first = histories(1)[0]
+        reply = policy.respond_batch([first])[0]
+        second = [*first, Message("agent", reply), Message("user", "Yes, and we like wine too. Any idea?")]
+        cached = self.timed(lambda: policy.respond_batch([second]))  # the warm-up stores the second turn too
+        max_bytes = policy.engine.prefix.max_bytes
+        policy.engine.prefix.clear()
+        policy.engine.prefix.max_bytes = 0
+        uncached = self.timed(lambda: policy.respond_batch([second]))
+        policy.engine.prefix.max_bytes = max_bytes
+        return cached, uncached
+
+    def run(self) -> dict[str, Any]:
+        n, args = self.n, self.args
+        fp32 = self.add(
+            "hf_fp32_1", "HF generate, fp32 weights, 1 stream", 1, self.timed(self.hf_generate(self.model, 1))
+        )
+        bf16_model = load_base_model(args.base_model).model.to(torch.bfloat16)
+        bf16 = self.add(
+            "hf_bf16_1", "HF generate, bf16 weights, 1 stream", 1, self.timed(self.hf_generate(bf16_model, 1))
+        )
+        reference_model = self.model if fp32 >= bf16 else bf16_model
+        reference = max(fp32, bf16)
+        self.add(
+            "hf_autocast_1",
+            "HF generate, fp32 weights + bf16 autocast, 1 stream",
+            1,
+            self.timed(self.hf_generate(self.model, 1, use_autocast=True)),
+        )
+        for count in args.chats:
+            if count > 1:
+                self.add(
+                    f"hf_batched_{count}",
+                    f"HF generate, batched, {count} streams",
+                    count,
+                    self.timed(self.hf_generate(reference_model, count)),
+                )
+        del bf16_model
+        gc.collect()
+
+        d = self.model.get_output_embeddings().weight.shape[1]
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        value_model = load_base_model(args.base_model).model
+        kinds: list[tuple[str, str, Callable[[], LearnedPolicy], list[int]]] = [
+            ("default", "default / BC / FBC / base: plain sampling", lambda: self.policy(), args.chats),
+            (
+                "token_ilql_policy_features",
+                "token-level ILQL, policy features",
+                lambda: self.policy(heads=ValueHeads(d, vocab, ILQLConfig(level="token")).eval(), beta=4.0),
+                [1, 8],
+            ),
+            (
+                "token_ilql_base_features",
+                "token-level ILQL, base features (lockstep value trunk)",
+                lambda: self.policy(
+                    heads=ValueHeads(d, vocab, ILQLConfig(level="token")).eval(), value_model=value_model, beta=4.0
+                ),
+                [1, 8],
+            ),
+            (
+                f"rerank_k{args.candidates}",
+                f"utterance-level ILQL, K = {args.candidates} reranked (base features)",
+                lambda: self.policy(
+                    heads=ValueHeads(d, vocab, ILQLConfig(level="utterance")).eval(),
+                    value_model=value_model,
+                    candidates=args.candidates,
+                ),
+                [1, 4],
+            ),
+        ]
+        turn: dict[str, float] = {}
+        for key, label, build, chat_counts in kinds:
+            if key not in args.kinds and key.split("_k")[0] not in args.kinds:
+                continue
+            policy = build()
+            try:
+                self.add(f"{key}_1_stream", f"{label}, 1 stream", 1, self.timed(self.one_stream(policy)))
+                for count in chat_counts:
+                    self.add(
+                        f"{key}_{count}_chats_aggregate",
+                        f"{label}, {count} concurrent chats",
+                        count,
+                        self.timed(self.chats(policy, count)),
+                        peak_rows=policy.batcher.peak_rows if hasattr(policy.batcher, "peak_rows") else None,
+                    )
+                if key == "default":
+                    cached, uncached = self.second_turn(policy)
+                    turn = {"cached_s": cached, "uncached_s": uncached}
+                    self.console.print(f"second turn: {cached:.2f} s cached, {uncached:.2f} s uncached")
+            finally:
+                policy.close()
+                gc.collect()
+        for row in self.rows:
+            row["x_hf_generate_1_stream"] = row["tokens_per_s"] / reference
+            batched = next((r for r in self.rows if r["key"] == f"hf_batched_{row['streams']}"), None)
+            if batched is not None and not row["key"].startswith("hf_"):
+                row["x_hf_batched_same_streams"] = row["tokens_per_s"] / batched["tokens_per_s"]
+        return {
+            "quiet": bool(args.quiet_machine),
+            "machine": machine(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "tokens_per_reply": n,
+            "load_average_start": self.load_start,
+            "load_average_end": os.getloadavg()[0],
+            "reference": {"tokens_per_s": reference, "variant": "fp32 weights" if fp32 >= bf16 else "bf16 weights"},
+            "ratios": {
+                row["key"]: round(row["x_hf_generate_1_stream"], 3)
+                for row in self.rows
+                if not row["key"].startswith("hf_")
+            },
+            "second_turn": turn,
+            "rows": self.rows,
+        }
+
+
+def markdown(summary: dict[str, Any], command: str) -> str:
+    """The run's block for BENCHMARKS.md."""
+    quiet = "quiet machine (declared by `--quiet-machine`)" if summary["quiet"] else "**shared machine: not quiet**"
+    lines = [
+        run_heading(command),
+        "",
+        f"{summary['machine']}, torch {summary['torch']}, {summary['threads']} threads, {quiet}, load average "
+        f"{summary['load_average_start']:.1f} at the start and {summary['load_average_end']:.1f} at the end; "
+        f"{summary['tokens_per_reply']} tokens per reply, top-k 20, temperature 0.7. Reference: HF generate, one "
+        f"stream, {summary['reference']['variant']} ({summary['reference']['tokens_per_s']:.1f} tok/s).",
+        "",
+        "| method | streams | reply tokens/s | × HF generate (1 stream) | × HF generate batched (same streams) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        same = row.get("x_hf_batched_same_streams")
+        lines.append(
+            f"| {row['method']} | {row['streams']} | {row['tokens_per_s']:.1f} | {row['x_hf_generate_1_stream']:.2f}× "
+            f"| {f'{same:.2f}×' if same is not None else '—'} |"
+        )
+    turn = summary.get("second_turn") or {}
+    if turn:
+        lines += [
+            "",
+            f"A conversation's second turn (default policy): {turn['cached_s']:.2f} s with its first turn's keys and "
+            f"values reused, {turn['uncached_s']:.2f} s re-encoding the whole history.",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model")
     parser.add_argument("--base-model", default=None)
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--chats", default="1,4,8,16", help="numbers of concurrent chats")
+    parser.add_argument(
+        "--kinds",
+        default="default,token_ilql_policy_features,token_ilql_base_features,rerank",
+        help="policy kinds to measure (comma-separated)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row after the warm-up (best kept)")
+    parser.add_argument(
+        "--quiet-machine", action="store_true", help="declare that nothing else runs (recorded in the table/json)"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON summary goes")
+    parser.add_argument("--no-append", action="store_true", help="print only: no BENCHMARKS.md, no JSON")
     args = parser.parse_args()
+    args.chats = [int(c) for c in args.chats.split(",") if c.strip()]
+    args.kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
+    args.base_model = args.base_model or ("tiny" if args.quick else "smollm2")
     torch.set_num_threads(args.threads)
-    base_model = args.base_model or ("tiny" if args.quick else "smollm2")
-    task = load_task("travel")
-    base = load_base_model(base_model)
-    value_model = load_base_model(base_model).model
-    model, tokenizer = base.model, base.tokenizer
-    d, vocab = model.get_output_embeddings().weight.shape[1], model.get_output_embeddings().weight.shape[0]
-    token_heads = ValueHeads(d, vocab, ILQLConfig(level="token")).eval()
-    utterance_heads = ValueHeads(d, vocab, ILQLConfig(level="utterance")).eval()
-    history = [
-        Message("agent", task.opening_line),
-        Message("user", "A weekend away with my partner, we love good food."),
-    ]
-    policy = LearnedPolicy(model, tokenizer, task, name="bench", algorithm="bc")
-    prompt = policy.prompt_ids(history)
-    n = args.tokens
-    sampling = DecodeConfig(max_new_tokens=n, temperature=0.7, top_k=20)
-    generator = torch.Generator().manual_seed(0)
-    rows: list[tuple[str, float]] = []
-
-    def timed(label: str, run: Callable[[], object], tokens: int) -> None:
-        run()  # warm-up
-        started = time.perf_counter()
-        run()
-        rows.append((label, tokens / (time.perf_counter() - started)))
-
-    ids = torch.tensor([prompt])
-
-    def hf_generate() -> None:
-        with torch.inference_mode(), autocast(True):
-            model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=True,
-                top_k=20,
-                temperature=0.7,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-
-    timed("HF generate, 1 stream", hf_generate, n)
-    timed(
-        "our decode, β = 0 (BC/FBC), 1 stream",
-        lambda: decode(model, [prompt], end_id=NEVER, pad_id=0, config=sampling, generator=generator),
-        n,
-    )
-    token_config = DecodeConfig(max_new_tokens=n, temperature=0.7, top_k=20, beta=4.0)
-    timed(
-        "our ILQL token-level, policy features, 1 stream",
-        lambda: decode(model, [prompt], end_id=NEVER, pad_id=0, config=token_config, heads=token_heads),
-        n,
-    )
-    timed(
-        "our ILQL token-level, base features (default), 1 stream",
-        lambda: decode(
-            model, [prompt], end_id=NEVER, pad_id=0, config=token_config, heads=token_heads, value_model=value_model
-        ),
-        n,
-    )
-    utterance_config = DecodeConfig(max_new_tokens=n, temperature=0.7, top_k=20, candidates=args.candidates)
-    timed(
-        f"our ILQL utterance-level (K={args.candidates}), 1 stream",
-        lambda: rerank_utterances(
-            model,
-            [prompt],
-            end_id=NEVER,
-            pad_id=0,
-            config=utterance_config,
-            heads=utterance_heads,
-            value_model=value_model,
-        ),
-        n,
-    )
-    single = rows[0][1]
-    for label, heads, beta in (("β = 0", None, 0.0), ("ILQL token-level", token_heads, 4.0)):
-        chat_policy = LearnedPolicy(
-            model,
-            tokenizer,
-            task,
-            name="bench",
-            algorithm="bench",
-            heads=heads,
-            value_model=value_model if heads is not None else None,
-            decode_config=DecodeConfig(max_new_tokens=n, temperature=0.7, top_k=20, beta=beta),
+    bench = Bench(args)
+    bench.load_start = os.getloadavg()[0]
+    summary = bench.run()
+    table = Table(title=f"Decoding throughput ({args.base_model}, {args.tokens} tokens per reply)")
+    for column in ("method", "streams", "tok/s", "× HF 1 stream", "× HF batched"):
+        table.add_column(column)
+    for row in summary["rows"]:
+        same = row.get("x_hf_batched_same_streams")
+        table.add_row(
+            row["method"],
+            str(row["streams"]),
+            f"{row['tokens_per_s']:.1f}",
+            f"{row['x_hf_generate_1_stream']:.2f}×",
+            f"{same:.2f}×" if same is not None else "—",
         )
-        chat_policy._end_id = NEVER
-        for chats in (1, 4, 8):
-
-            async def concurrent(chats: int = chats, chat_policy: LearnedPolicy = chat_policy) -> None:
-                await asyncio.gather(*(chat_policy.respond(history) for _ in range(chats)))
-
-            timed(
-                f"{label}: {chats} concurrent chats (micro-batched)", lambda c=concurrent: asyncio.run(c()), n * chats
-            )
-        chat_policy.close()
-
-    console = Console()
-    table = Table(title=f"Decoding throughput ({base_model}, {n} tokens per reply, bf16 autocast, CPU)")
-    table.add_column("method")
-    table.add_column("reply tokens/s")
-    table.add_column("× HF generate (1 stream)")
-    for label, rate in rows:
-        table.add_row(label, f"{rate:.1f}", f"{rate / single:.2f}×")
-    console.print(table)
+    bench.console.print(table)
     if not args.no_append:
-        lines = [
-            run_heading(reproduce_command(__file__)),
-            "",
-            f"{machine()}, torch {torch.__version__}, {args.threads} threads, load average "
-            f"{os.getloadavg()[0]:.1f} at the end, {n} tokens per reply, top-k 20, temperature 0.7.",
-            "",
-            "| method | reply tokens/s | × HF generate (1 stream) |",
-            "|---|---|---|",
-            *(f"| {label} | {rate:.1f} | {rate / single:.2f}× |" for label, rate in rows),
-        ]
-        write_section(f"Decoding throughput ({base_model})", "\n".join(lines))
+        write_section(f"Decoding throughput ({args.base_model})", markdown(summary, reproduce_command(__file__)))
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    else:
+        print(json.dumps(summary["ratios"], indent=2))
 
 
 if __name__ == "__main__":
