@@ -102,8 +102,7 @@ class TurnCritic(nn.Module):
         self, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q, V)`` for every agent turn of the dialogues ``indices`` (flattened in order), ``[N]`` each."""
-        hidden, mask = lower.batch(indices)
-        out = self.trunk(hidden, mask)
+        out = self.trunk(lower.batch(indices).to(self.q.out.weight.device))
         rows, states, ends = [], [], []
         for row, index in enumerate(indices):
             item = items[index]

@@ -674,9 +674,8 @@ def train(
                 for _ in range(config.grad_accum):
                     indices = next(batches)
                     batch = collate([items[i] for i in indices], tokenizer.pad_token_id).to(device)
-                    hidden_in, mask = lower.batch(indices)
                     with autocast(bf16, device.type):
-                        hidden = upper(hidden_in.to(device), mask.to(device))
+                        hidden = upper(lower.batch(indices).to(device))
                         loss, terms = _policy_loss(
                             model,
                             hidden,
@@ -742,10 +741,9 @@ def train(
             features_from_base = config.ilql.value_features == "base" and hasattr(model, "disable_adapter")
 
             def hidden_of(indices: Sequence[int]) -> torch.Tensor:
-                hidden_in, mask = lower.batch(indices)
                 adapter = model.disable_adapter() if features_from_base else contextlib.nullcontext()
                 with adapter, autocast(bf16, device.type):
-                    return upper(hidden_in.to(device), mask.to(device))
+                    return upper(lower.batch(indices).to(device))
 
             table = build_feature_table(
                 hidden_of,
@@ -945,9 +943,8 @@ def held_out_loss(
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
         batch = collate([items[i] for i in chunk], 0).to(device)
-        hidden_in, mask = lower.batch(chunk)
         with autocast(bf16, device.type):
-            hidden = upper(hidden_in.to(device), mask.to(device))
+            hidden = upper(lower.batch(chunk).to(device))
         action = batch.action_mask[:, 1:]
         states = hidden[:, :-1][action].float()
         logits = states @ embedding.t().float() if _tied(model) else _lm_head(model)(states).float()

@@ -110,7 +110,7 @@ def test_imitation_loss_weighs_each_action_token_the_same_in_any_batch() -> None
 
     def loss(indices: list[int]) -> float:
         batch = collate([items[i] for i in indices], base.tokenizer.pad_token_id)
-        hidden = upper(*lower.batch(indices))
+        hidden = upper(lower.batch(indices))
         weights = objective.token_weights(indices, batch)
         value, _ = _policy_loss(model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0, 1))
         return value.item()
