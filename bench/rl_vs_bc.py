@@ -1,22 +1,22 @@
-"""Benchmark: does offline RL beat imitation on suboptimal data? BC vs filtered BC vs ILQL, same data, same base.
+"""Benchmark: does offline RL beat imitation on suboptimal data? Every method, same data, same base, same users.
 
-1. Scripted behaviour agents talk to scripted travel users (hidden interest/budget/companions): suboptimal
-   dialogues, ~35-40 % success, the optimal "ask everything, then recommend" behaviour present but rare.
-2. BC (all dialogues), filtered BC (reward 1 only) and ILQL are trained from the same base model + LoRA.
-   ILQL's policy stage *is* the BC run (its checkpoint is reused), so the two differ only by value learning.
-3. Every policy meets the same held-out personas (another seed) with scripted users; success rates with
-   95 % Wilson intervals are printed and appended to BENCHMARKS.md with the reproducing command.
+1. Scripted behaviour agents of four skills talk to scripted users with hidden personas (``--task travel`` or
+   ``teaching``): suboptimal dialogues, ~37-40 % success, the optimal "ask everything, then act" present but rare.
+2. From SmolLM2-135M + LoRA on the same dialogues: BC (all), filtered BC (successes), token-level ILQL (the
+   paper's method: value heads on top of the BC checkpoint, β-guided decoding) and ``critic-awr`` (the default:
+   a per-turn critic, then the BC actor fine-tuned by advantage-weighted regression; it decodes like BC).
+3. Every policy, the prompted base model and the scripted careful agent (the ceiling) meet the same held-out
+   personas (seed 1000; training personas come from seed 0) in one evaluation, so differences are paired.
 
-Every run also writes ``report.md``/``report.png``/``report.json`` (learning.report) and ``summary.json`` into
-``--work-dir``; the PNG is copied to ``bench/results/`` beside the table appended to BENCHMARKS.md.
-``--candidates`` and ``--beta`` take comma-separated lists: each value is one more evaluated ILQL policy
-(decoding settings only, same checkpoint), so one run shows how reranking width and β matter.
+Prints a table, appends it with the reproducing command to BENCHMARKS.md, writes ``report.md``/``report.png``,
+a few transcripts per policy and the summary ``bench/results/rl_vs_bc-<task>.json``. Run it alone on the
+machine: it is a benchmark (training minutes and wall time are part of the result).
 
 Usage::
 
-    .venv/bin/python bench/rl_vs_bc.py                 # SmolLM2, the full run (GPU: minutes; CPU: hours)
-    .venv/bin/python bench/rl_vs_bc.py --quick         # tiny model, minutes: checks the pipeline only
-    .venv/bin/python bench/rl_vs_bc.py --skip-existing # reuse checkpoints already in --work-dir
+    .venv/bin/python bench/rl_vs_bc.py --task travel          # the full run (CPU: about 45 minutes)
+    .venv/bin/python bench/rl_vs_bc.py --task teaching
+    .venv/bin/python bench/rl_vs_bc.py --quick                # tiny model, a minute: checks the pipeline only
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -40,93 +41,85 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.benchmarks_md import reproduce_command, run_heading, write_section  # noqa: E402
-from imagine.simulated import generate_scripted_dialogues  # noqa: E402
+from imagine.simulated import BehaviourPolicy, generate_scripted_dialogues  # noqa: E402
 from imagine.task import load_task  # noqa: E402
-from learning.checkpoint import load_manifest  # noqa: E402
 from learning.devices import resolve_device  # noqa: E402
-from learning.evaluation import EvaluationReport, evaluate, paired_difference  # noqa: E402
+from learning.evaluation import EvaluationReport, PolicyResult, evaluate, paired_difference  # noqa: E402
 from learning.ilql import ILQLConfig  # noqa: E402
-from learning.policy import LearnedPolicy, load_policy  # noqa: E402
+from learning.policy import load_policy  # noqa: E402
 from learning.report import write_report  # noqa: E402
-from learning.trainer import TrainConfig, train  # noqa: E402
+from learning.trainer import DEFAULT_ALGORITHM, TrainConfig, train  # noqa: E402
+from storage.rewards import is_success  # noqa: E402
 
 console = Console()
+TRAINED = ("bc", "fbc", "ilql-token", "critic-awr")
+EVALUATION_SEED = 1000  # training dialogues use seed 0: disjoint persona and paraphrase streams
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="travel", choices=("travel", "teaching"))
     parser.add_argument("--quick", action="store_true", help="tiny model, few dialogues and steps (pipeline check)")
     parser.add_argument("--base-model", default=None, help="default: smollm2 (tiny with --quick)")
     parser.add_argument("--dialogues", type=int, default=None, help="training dialogues (default 1200; quick 120)")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per policy (200; quick 24)")
-    parser.add_argument("--bc-steps", type=int, default=None, help="BC policy steps (default ~3 epochs)")
-    parser.add_argument("--value-steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--beta", default=None, help="token-level ILQL β at decoding; a list evaluates each")
-    parser.add_argument("--tau", type=float, default=None, help="ILQL expectile τ (default: ILQLConfig's 0.7)")
-    parser.add_argument("--candidates", default=None, help="utterance-level ILQL K at decoding; a list evaluates each")
-    parser.add_argument("--algos", default="bc,fbc,ilql-utterance,ilql-token", help="comma-separated")
+    parser.add_argument("--bc-steps", type=int, default=None, help="BC/FBC steps at most (early stopping)")
+    parser.add_argument("--awr-steps", type=int, default=None, help="critic-awr actor steps after BC")
+    parser.add_argument("--critic-steps", type=int, default=None)
+    parser.add_argument("--value-steps", type=int, default=None, help="token-level ILQL value steps")
+    parser.add_argument("--policies", default="base,bc,fbc,ilql-token,critic-awr,careful", help="comma-separated")
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
-    parser.add_argument("--eval-batch", type=int, default=64, help="episodes decoded together (GPU: 200)")
+    parser.add_argument("--eval-batch", type=int, default=100, help="episodes decoded together")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-base", action="store_true", help="leave the prompted base model out (slow on a CPU)")
-    parser.add_argument("--max-length", type=int, default=320, help="tokens per training sequence")
+    parser.add_argument("--transcripts", type=int, default=3, help="transcripts per policy printed and kept")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "rl_vs_bc")
     parser.add_argument("--skip-existing", action="store_true", help="reuse checkpoints found in --work-dir")
-    parser.add_argument("--time-limit-minutes", type=float, default=None, help="per training run")
     parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
     return parser.parse_args()
-
-
-def number_list(text: str | None, kind: type) -> list:
-    """``"4,8"`` → ``[4, 8]``; ``None`` → ``[None]`` (the checkpoint's own setting)."""
-    return [kind(part) for part in text.split(",") if part.strip()] if text else [None]
 
 
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    os.environ["TORCH_THREADS"] = str(args.threads)
+    wall_started = time.monotonic()
     device = resolve_device(args.device)
     quick = args.quick
     base_model = args.base_model or ("tiny" if quick else "smollm2")
     n_dialogues = args.dialogues or (120 if quick else 1200)
     episodes = args.episodes or (24 if quick else 200)
-    batch_size = args.batch_size
-    bc_steps = args.bc_steps or (30 if quick else max(1, 3 * n_dialogues // batch_size))
-    value_steps = args.value_steps or (200 if quick else 3000)
-    lr = args.lr or (2e-2 if quick else 3e-4)
-    task = load_task("travel")
-    work = args.work_dir / ("quick" if quick else base_model)
+    task = load_task(args.task)
+    work = args.work_dir / f"{args.task}-{'quick' if quick else base_model}"
     work.mkdir(parents=True, exist_ok=True)
-    console.print(f"device {device_description(device)}")
+    wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
+    console.print(f"device {device_description(device)}; machine load {os.getloadavg()[0]:.1f} at start")
 
-    records = generate_scripted_dialogues("travel", n_dialogues, seed=0)
-    data_success = sum(r.reward or 0.0 for r in records) / len(records)
+    records = generate_scripted_dialogues(args.task, n_dialogues, seed=0)
+    data_success = sum(is_success(r.reward) for r in records) / len(records)
     console.print(f"{len(records)} scripted training dialogues, behaviour success {data_success:.1%}")
 
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    common = {
-        "task": "travel",
+    common: dict[str, Any] = {
+        "task": args.task,
         "base_model": base_model,
-        "batch_size": batch_size,
-        "lr": lr,
         "seed": 0,
-        "max_length": args.max_length,
-        "value_steps": value_steps,
-        "time_limit_minutes": args.time_limit_minutes,
         "device": device,
+        "feature_cache_dir": str(work / "features"),
     }
+    if quick:
+        common.update(upper_layers=1, batch_size=4, eval_every=10, lr=2e-2)
+    bc_steps = args.bc_steps or (30 if quick else 400)
     checkpoints: dict[str, Path] = {}
-    timings: dict[str, float] = {}
+    minutes: dict[str, float] = {}
     failures: dict[str, str] = {}
 
-    def run(name: str, config: TrainConfig, init_from: Path | None = None, directory: str | None = None) -> None:
-        out = work / (directory or name)
+    def run(name: str, config: TrainConfig, init_from: Path | None = None, after: str | None = None) -> None:
+        out = work / name
         if args.skip_existing and (out / "manifest.json").is_file():
             console.print(f"reusing {out}")
             checkpoints[name] = out
+            minutes[name] = json.loads((out / "manifest.json").read_text())["metrics"]["train_seconds"] / 60
+            minutes[name] += minutes.get(after, 0.0) if after else 0.0
             return
         started = time.monotonic()
         try:  # one failed run must not cost the others' results
@@ -135,129 +128,132 @@ def main() -> None:
             traceback.print_exc()
             failures[name] = f"{type(error).__name__}: {error}"
             return
-        timings[name] = time.monotonic() - started
+        # a policy trained on top of another one cost that one's training too
+        minutes[name] = (time.monotonic() - started) / 60 + (minutes.get(after, 0.0) if after else 0.0)
         checkpoints[name] = out
 
-    needs_bc = any(a in algos for a in ("bc", "ilql-utterance", "ilql-token"))
-    if needs_bc:
+    if any(p in wanted for p in ("bc", "ilql-token", "critic-awr")):
         run("bc", TrainConfig(algorithm="bc", steps=bc_steps, **common))
-    for name in algos:  # in the order given: the most informative first when time is short
-        if name.startswith("ilql-") and "bc" in checkpoints:
-            level = name.removeprefix("ilql-")
-            ilql = ILQLConfig(level=level) if args.tau is None else ILQLConfig(level=level, tau=args.tau)  # type: ignore[arg-type]
-            config = TrainConfig(algorithm=name, steps=0, ilql=ilql, **common)  # type: ignore[arg-type]
-            if level == "token" and args.value_steps is None:
-                config.value_steps = value_steps // 5  # each step is |V|-wide (CQL): fewer, costlier steps
-            # the policy stage is the BC checkpoint: ILQL differs from BC only by its value heads
-            run(name, config, init_from=checkpoints["bc"], directory=checkpoint_name(name, args.tau))
-        elif name == "fbc":
-            successes = sum((r.reward or 0) >= 1 for r in records)
-            fbc_steps = max(1, bc_steps * successes // len(records))  # the same epochs over the kept data
-            run("fbc", TrainConfig(algorithm="fbc", steps=fbc_steps, **common))
+    if "fbc" in wanted:
+        run("fbc", TrainConfig(algorithm="fbc", steps=bc_steps, **common))
+    if "critic-awr" in wanted and "bc" in checkpoints:
+        config = TrainConfig(algorithm="critic-awr", steps=args.awr_steps or (20 if quick else 200), **common)
+        config.warmup = 0.0  # the actor starts from the converged BC adapter
+        if args.critic_steps or quick:
+            config.critic.steps = args.critic_steps or 20
+        run("critic-awr", config, init_from=checkpoints["bc"], after="bc")
+    if "ilql-token" in wanted and "bc" in checkpoints:
+        value_steps = args.value_steps or (20 if quick else 600)
+        config = TrainConfig(
+            algorithm="ilql-token", steps=0, value_steps=value_steps, ilql=ILQLConfig(level="token"), **common
+        )
+        run("ilql-token", config, init_from=checkpoints["bc"], after="bc")
 
-    policies: list[LearnedPolicy] = []
-    if not args.no_base:
+    policies: list[Any] = []
+    if "base" in wanted:
         policies.append(load_policy("base", task=task, base_model=base_model, max_new_tokens=40, device=device))
-    trained: dict[str, str] = {}  # evaluated policy name → checkpoint name
-    for name in algos:
-        if name not in checkpoints:
-            continue
-        variants: list[tuple[str, dict]] = [(name, {})]
-        if name == "ilql-utterance":
-            variants = [(name + (f" K={k}" if k else ""), {"candidates": k}) for k in number_list(args.candidates, int)]
-        elif name == "ilql-token":
-            variants = [
-                (name + (f" β={b:g}" if b is not None else ""), {"beta": b}) for b in number_list(args.beta, float)
-            ]
-        for label, overrides in variants:
-            policy: LearnedPolicy = load_policy(
-                checkpoints[name], task=task, base_model=base_model, max_new_tokens=40, device=device, **overrides
-            )
-            policy.name = label
+    for name in TRAINED:
+        if name in wanted and name in checkpoints:
+            policy = load_policy(checkpoints[name], task=task, base_model=base_model, max_new_tokens=40, device=device)
+            policy.name = name
             policies.append(policy)
-            trained[label] = name
+    if "careful" in wanted:
+        careful = BehaviourPolicy(args.task, "careful")
+        careful.name = "careful"
+        policies.append(careful)
     started = time.monotonic()
     report = evaluate(
-        policies, task, users="scripted", episodes=episodes, seed=1000, progress=True, batch_size=args.eval_batch
+        policies, task, users="scripted", episodes=episodes, seed=EVALUATION_SEED, batch_size=args.eval_batch
     )
-    eval_seconds = time.monotonic() - started
+    eval_minutes = (time.monotonic() - started) / 60
     for policy in policies:
         policy.close()
+    wall_minutes = (time.monotonic() - wall_started) / 60
     files = write_report(report, work / "report")
+    transcripts = write_transcripts(report, work / "report" / "transcripts.md", args.transcripts)
+    personas = len({json.dumps(e.persona, sort_keys=True) for e in report.results[0].episodes})
 
-    rows = result_rows(report, trained, checkpoints, timings)
-    table = Table(title=f"RL vs BC on scripted travel users ({base_model}, {episodes} held-out personas)")
-    for column in ("policy", "success", "95% interval", "mean turns", "vs BC (paired)", "vs FBC (paired)", "notes"):
+    rows = result_rows(report, minutes)
+    table = Table(title=f"RL vs BC on scripted {args.task} users ({base_model}, {episodes} held-out episodes)")
+    for column in ("policy", "success", "95% interval", "agent turns", "vs BC", "vs FBC", "default vs it", "train min"):
         table.add_column(column)
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    console.print(transcripts)
     for name, reason in failures.items():
         console.print(f"[red]{name} failed: {reason}")
-    console.print(f"evaluation took {eval_seconds / 60:.1f} min; report in {files.markdown.parent}")
+    console.print(f"evaluation {eval_minutes:.1f} min, whole run {wall_minutes:.1f} min; report in {work / 'report'}")
     summary = {
-        "device": device_description(device),
+        "task": args.task,
+        "episodes": episodes,
         "data_success": data_success,
-        "rows": rows,
-        "failures": failures,
-        "timings_s": timings,
-        "eval_seconds": eval_seconds,
-        "command": reproduce_command(__file__),
+        "wall_minutes": round(wall_minutes, 1),
+        "default": DEFAULT_ALGORITHM,
+        "policies": {
+            result.name: {
+                "success": result.success_rate,
+                "ci95": list(result.interval),
+                "train_minutes": round(minutes[result.name], 1) if result.name in minutes else None,
+            }
+            for result in report.results
+        },
     }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    if not args.no_append:
-        stamp = f"{datetime.now(UTC):%Y%m%d-%H%M}"  # one plot per run, beside its table
-        plot = ROOT / "bench" / "results" / f"rl_vs_bc-{'quick' if quick else base_model}-{stamp}.png"
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(files.plot, plot)
-        append_markdown(
-            args, rows, failures, base_model, device, n_dialogues, data_success, episodes, bc_steps, value_steps, plot
-        )
+    console.print_json(json.dumps(summary))
+    if quick or args.no_append:
+        return
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"rl_vs_bc-{args.task}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot = results / f"rl_vs_bc-{args.task}.png"
+    shutil.copyfile(files.plot, plot)
+    shutil.copyfile(work / "report" / "transcripts.md", results / f"rl_vs_bc-{args.task}-transcripts.md")
+    append_markdown(args, rows, failures, base_model, device, n_dialogues, data_success, episodes, personas, plot)
+    append_markdown_times(args, eval_minutes, wall_minutes)
 
 
-def result_rows(
-    report: EvaluationReport, trained: dict[str, str], checkpoints: dict[str, Path], timings: dict[str, float]
-) -> list[tuple[str, ...]]:
-    """One table row per evaluated policy: success, interval, turns, paired differences to BC and FBC."""
-    baselines = {name: report.result(name) for name in ("bc", "fbc") if name in trained}
+def result_rows(report: EvaluationReport, minutes: dict[str, float]) -> list[tuple[str, ...]]:
+    """One row per evaluated policy: success, interval, turns, paired differences, training minutes."""
+    by_name = {result.name: result for result in report.results}
+
+    def versus(result: PolicyResult, other: str, reverse: bool = False) -> str:
+        baseline = by_name.get(other)
+        if baseline is None or baseline is result:
+            return ""
+        a, b = (baseline, result) if reverse else (result, baseline)
+        mean, low, high = paired_difference(a, b)
+        return f"{100 * mean:+.1f} ({100 * low:+.1f}…{100 * high:+.1f})"
+
     rows = []
     for result in report.results:
         low, high = result.interval
-        differences = []
-        for baseline_name in ("bc", "fbc"):
-            baseline = baselines.get(baseline_name)
-            if baseline is None or baseline is result:
-                differences.append("")
-                continue
-            mean, lo, hi = paired_difference(result, baseline)
-            differences.append(f"{100 * mean:+.1f} ({100 * lo:+.1f}…{100 * hi:+.1f})")
-        notes = ""
-        checkpoint = trained.get(result.name)
-        if checkpoint is not None:
-            metrics = load_manifest(checkpoints[checkpoint])["metrics"]
-            notes = ", ".join(
-                f"{k}={metrics[k]:.2f}" for k in ("Q_ask", "Q_act", "V_decision", "policy_bc") if k in metrics
-            )
-            if checkpoint in timings:
-                notes += f", train {timings[checkpoint] / 60:.1f} min"
-        if result.error:
-            notes += f" error: {result.error}"
         rows.append(
             (
-                result.name,
+                result.name + (" (default)" if result.name == DEFAULT_ALGORITHM else ""),
                 f"{result.success_rate:.1%}",
                 f"{low:.1%}–{high:.1%}",
                 f"{result.mean_turns:.1f}",
-                *differences,
-                notes,
+                versus(result, "bc"),
+                versus(result, "fbc"),
+                versus(result, DEFAULT_ALGORITHM, reverse=True),
+                f"{minutes[result.name]:.1f}" if result.name in minutes else "",
             )
         )
     return rows
 
 
-def checkpoint_name(algorithm: str, tau: float | None) -> str:
-    """``ilql-utterance`` or, with a non-default expectile, ``ilql-utterance-tau0.9`` (runs never overwrite)."""
-    return algorithm if tau is None else f"{algorithm}-tau{tau:g}"
+def write_transcripts(report: EvaluationReport, path: Path, per_policy: int) -> str:
+    """The first ``per_policy`` episodes of every policy, as markdown (who said what, the outcome)."""
+    lines = []
+    for result in report.results:
+        lines.append(f"## {result.name}")
+        for episode in result.episodes[:per_policy]:
+            lines.append(f"\nepisode {episode.index}, persona {episode.persona}: **{episode.outcome}**\n")
+            lines.extend(f"- {role}: {text}" for role, text in episode.turns)
+        lines.append("")
+    text = "\n".join(lines)
+    path.write_text(text + "\n", encoding="utf-8")
+    return text
 
 
 def device_description(device: str) -> str:
@@ -276,30 +272,37 @@ def append_markdown(
     n_dialogues: int,
     data_success: float,
     episodes: int,
-    bc_steps: int,
-    value_steps: int,
+    personas: int,
     plot: Path,
 ) -> None:
+    load = os.getloadavg()[0]
     lines = [
         run_heading(reproduce_command(__file__)),
         "",
-        f"{device_description(device)}. Data: {n_dialogues} scripted "
-        f"dialogues (behaviour success {data_success:.1%}); BC {bc_steps} steps × batch {args.batch_size}; ILQL "
-        f"value stage {value_steps} steps (token level: a fifth) on base-trunk features; evaluation on "
-        f"{episodes} held-out personas (seed 1000). Paired differences are in points of success over the same "
-        "personas, with 95 % intervals.",
+        f"{device_description(device)}, load average {load:.1f} at the end "
+        f"({'quiet: nothing else ran' if load < args.threads + 0.5 else 'NOT quiet: other work shared the CPU'}). "
+        f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success:.1%}). Evaluation: {episodes} "
+        f"episodes on held-out personas and paraphrases (seed {EVALUATION_SEED}; {personas} distinct personas), "
+        "every conversation opened by the task's opening line as in training and serving. Paired differences in "
+        "points of success with 95 % intervals; 'default vs it' is the default policy minus that row's.",
         "",
-        "| policy | success | 95% interval | mean agent turns | vs BC (paired) | vs FBC (paired) | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | success | 95% interval | agent turns | vs BC | vs FBC | default vs it | train min |",
+        "|---|---|---|---|---|---|---|---|",
         *(f"| {' | '.join(row)} |" for row in rows),
         "",
         *(f"- {name} failed: {reason}" for name, reason in failures.items()),
-        f"![success rates]({plot.relative_to(ROOT).as_posix()})",
+        f"![success rates]({plot.relative_to(ROOT).as_posix()}) · "
+        f"[transcripts](bench/results/rl_vs_bc-{args.task}-transcripts.md) · "
+        f"[summary](bench/results/rl_vs_bc-{args.task}.json)",
     ]
+    write_section(f"RL vs BC on scripted {args.task} users (bench/rl_vs_bc.py)", "\n".join(lines))
+
+
+def append_markdown_times(args: argparse.Namespace, eval_minutes: float, wall_minutes: float) -> None:
     write_section(
-        f"RL vs BC on scripted travel users ({base_model}{', quick' if args.quick else ''})", "\n".join(lines)
+        f"RL vs BC on scripted {args.task} users (bench/rl_vs_bc.py)",
+        f"Evaluation {eval_minutes:.1f} min; whole run (all training + all evaluation) {wall_minutes:.1f} min.",
     )
-    console.print(json.dumps({"appended": "BENCHMARKS.md", "plot": str(plot)}))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from learning.algorithms import DEFAULT_ALGORITHM, Algorithm
+
 
 class Settings(BaseSettings):
     """Every setting of Reverie; ``.env.example`` lists them with a comment each."""
@@ -67,8 +69,8 @@ class Settings(BaseSettings):
     improve_on_first_start: bool = True
     improve_imagined: int = Field(default=60, ge=0, description="Fresh imagined dialogues per run.")
     improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
-    improve_algo: Literal["ilql", "ilql-token", "ilql-utterance", "bc", "fbc"] = "ilql"
-    improve_steps: int = Field(default=300, ge=1)
+    improve_algo: Algorithm = DEFAULT_ALGORITHM
+    improve_steps: int | None = Field(default=None, ge=1, description="Policy steps at most (default: the trainer's).")
     improve_value_steps: int | None = Field(default=None, ge=0, description="ILQL value-stage steps.")
     improve_time_limit_minutes: float = Field(default=120.0, gt=0)
     improve_eval_episodes: int = Field(default=60, ge=1)

@@ -31,13 +31,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from imagine.task import TaskSpec, load_task
+from learning.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, Algorithm
 from learning.base_model import load_base_model
 from learning.checkpoint import check_base_model, load_manifest, save_checkpoint, verify_checkpoint
 from learning.critic import CriticConfig, train_critic
@@ -67,10 +68,6 @@ from storage.rewards import SUCCESS_THRESHOLD, is_success
 
 logger = logging.getLogger(__name__)
 
-Algorithm = Literal["bc", "fbc", "critic-awr", "ilql", "ilql-token", "ilql-utterance"]
-ALGORITHMS: tuple[str, ...] = ("bc", "fbc", "critic-awr", "ilql", "ilql-token", "ilql-utterance")
-#: What `reverie train` and the improvement loop train unless told otherwise (BENCHMARKS.md, "RL vs BC").
-DEFAULT_ALGORITHM: Algorithm = "critic-awr"
 HEADS_FILE = "heads.safetensors"
 
 
@@ -82,8 +79,7 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Everything a training run depends on (stored in the checkpoint manifest); defaults measured on this CPU."""
 
-    #: bc (all dialogues), fbc (successful ones), critic-awr (per-turn critic → advantage-weighted actor), or
-    #: ilql / ilql-token / ilql-utterance (value heads on top of BC; ilql = ilql-utterance).
+    #: One of learning.algorithms.ALGORITHMS.
     algorithm: Algorithm = DEFAULT_ALGORITHM
     #: Built-in task name or task TOML path (its system prompt frames every dialogue).
     task: str = "travel"

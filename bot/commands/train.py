@@ -17,6 +17,7 @@ import typer
 from bot.commands import console
 from bot.context import configure_logging, open_store
 from bot.settings import Settings
+from learning.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +25,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        algo: str = typer.Option("ilql", help="bc | fbc | ilql | ilql-token | ilql-utterance"),
+        algo: str = typer.Option(DEFAULT_ALGORITHM, help=" | ".join(ALGORITHMS)),
         task: str = typer.Option(None, help="Task name or TOML path (default: TASK setting)."),
         dialogues: Path = typer.Option(None, help="JSONL of dialogues; default: read from the database."),
         real_ratio: float = typer.Option(None, help="Share of real dialogues per batch (default IMPROVE_REAL_RATIO)."),
@@ -39,7 +40,7 @@ def register(app: typer.Typer) -> None:
         time_limit_minutes: float = typer.Option(None, help="Stop and save when this much time has passed."),
         quiet: bool = typer.Option(False, help="No progress bar."),
     ) -> None:
-        """Train a policy checkpoint (ILQL by default) and print its path."""
+        """Train a policy checkpoint (the default algorithm unless --algo) and print its path."""
         from learning.checkpoint import CheckpointError
         from learning.dataset import DatasetError
         from learning.trainer import TrainConfig, TrainingError, load_dialogues_jsonl
@@ -60,12 +61,13 @@ def register(app: typer.Typer) -> None:
                 task=spec.name,
                 base_model=base_model or settings.base_model,
                 cache_dir=str(settings.resolved_model_cache_dir),
-                steps=steps or settings.improve_steps,
                 real_ratio=settings.improve_real_ratio if real_ratio is None else real_ratio,
                 seed=seed,
                 time_limit_minutes=time_limit_minutes,
                 device=device or settings.device,
             )
+            if steps or settings.improve_steps:
+                config.steps = steps or settings.improve_steps
             if value_steps is not None:
                 config.value_steps = value_steps
             if batch_size is not None:
