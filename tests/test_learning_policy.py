@@ -81,7 +81,27 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, sharp_tiny: str, one_t
             algorithm=f"ilql-{level}", steps=0, value_steps=200, ilql=ILQLConfig(level=level), **common
         )
         out[level] = train(config, data, out_dir=root / level, init_from=bc, progress=False)
+    awr = TrainConfig(algorithm="critic-awr", steps=60, **common)
+    awr.critic.steps, awr.critic.lr = 200, 1e-2
+    out["critic-awr"] = train(awr, data, out_dir=root / "critic-awr", init_from=bc, progress=False)
     return out
+
+
+def test_critic_awr_distils_the_rare_rewarded_reply_into_the_actor(
+    checkpoints: dict[str, Path], sharp_tiny: str
+) -> None:
+    """The per-turn critic values the rare reply above the common one, and advantage weighting makes the actor
+    itself say it: plain decoding, no value heads in the checkpoint (it serves at BC's cost)."""
+    directory = checkpoints["critic-awr"]
+    assert not (directory / "heads.safetensors").exists()
+    metrics = load_manifest(directory)["metrics"]
+    assert metrics["A_success"] > 0.3 > -0.1 > metrics["A_failure"]
+    awr = load_policy(directory, task=TASK, base_model=sharp_tiny, temperature=0.0, max_new_tokens=3)
+    try:
+        assert awr.decode_config.beta == 0.0 and awr.decode_config.candidates == 1
+        assert awr.respond_batch([HISTORY])[0] == RARE
+    finally:
+        awr.close()
 
 
 def test_ilql_decoding_picks_the_rare_rewarded_reply_that_bc_does_not(
