@@ -35,6 +35,9 @@ class Fault:
     retry_after: float | None = None
     malformed: bool = False
     delay_s: float = 0.0
+    #: The error message of a ``status`` fault; ``{api_key}`` becomes the request's bearer token (as a real 401
+    #: body quotes the key it rejected).
+    message: str = "injected failure"
 
 
 def echo_responder(body: dict[str, Any]) -> str:
@@ -69,9 +72,11 @@ class FakeOpenAIServer:
 
     # --- scripting faults ----------------------------------------------------------------------------
 
-    def fail_next(self, status: int, times: int = 1, *, retry_after: float | None = None) -> None:
-        """Answer the next ``times`` requests with HTTP ``status`` (an OpenAI-style error body)."""
-        self._faults.extend(Fault(status=status, retry_after=retry_after) for _ in range(times))
+    def fail_next(
+        self, status: int, times: int = 1, *, retry_after: float | None = None, message: str = "injected failure"
+    ) -> None:
+        """Answer the next ``times`` requests with HTTP ``status`` (an OpenAI-style error body with ``message``)."""
+        self._faults.extend(Fault(status=status, retry_after=retry_after, message=message) for _ in range(times))
 
     def malformed_next(self, times: int = 1) -> None:
         """Answer the next ``times`` requests with HTTP 200 and a body that is not JSON."""
@@ -126,7 +131,9 @@ class FakeOpenAIServer:
             fault = self._faults.popleft() if self._faults else Fault()
             await asyncio.sleep(self.latency_s + fault.delay_s)
             if fault.status is not None:
-                return self._error(fault.status, "injected failure", retry_after=fault.retry_after)
+                api_key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+                message = fault.message.replace("{api_key}", api_key)
+                return self._error(fault.status, message, retry_after=fault.retry_after)
             if fault.malformed:
                 self.statuses.append(200)
                 return web.Response(text='{"id": "chatcmpl-broken", "choices": [', content_type="application/json")
