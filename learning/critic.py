@@ -54,7 +54,7 @@ class CriticConfig:
     """The per-turn critic and the advantage weighting of the actor (``critic-awr``)."""
 
     #: Critic optimizer steps at most (early stopping on held-out MSE may end sooner).
-    steps: int = 400
+    steps: int = 300
     #: Critic learning rate (LoRA and heads), warm-up then cosine decay.
     lr: float = 1e-3
     #: The critic's LoRA rank and alpha (its adapter is its own, on a copy of the upper layers).
@@ -87,12 +87,15 @@ class TurnCritic(nn.Module):
     def __init__(self, upper: UpperStack, hidden_size: int, *, rank: int, alpha: int, mlp: bool) -> None:
         super().__init__()
         self.trunk = upper.copy()
+        _strip_adapters(self.trunk)  # the critic starts from the base weights, not the actor's adapter
         config = lora_config(rank=rank, alpha=alpha, mlp=mlp)
         inject_adapter_in_model(config, self.trunk)
         for name, parameter in self.trunk.named_parameters():
             parameter.requires_grad_("lora_" in name)
-        self.q = ScalarHead(hidden_size, 2 * hidden_size)
-        self.v = ScalarHead(hidden_size, 2 * hidden_size)
+        # The final-norm hidden states of a language model have a few very large dimensions; normalising them
+        # before the heads keeps the regression stable (without it the held-out MSE diverged at lr 1e-3).
+        self.q = nn.Sequential(nn.LayerNorm(hidden_size), ScalarHead(hidden_size, 2 * hidden_size))
+        self.v = nn.Sequential(nn.LayerNorm(hidden_size), ScalarHead(hidden_size, 2 * hidden_size))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The LoRA weights of the copied layers and both heads."""
@@ -102,7 +105,7 @@ class TurnCritic(nn.Module):
         self, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q, V)`` for every agent turn of the dialogues ``indices`` (flattened in order), ``[N]`` each."""
-        out = self.trunk(lower.batch(indices).to(self.q.out.weight.device))
+        out = self.trunk(lower.batch(indices).to(self.q[0].weight.device))
         rows, states, ends = [], [], []
         for row, index in enumerate(indices):
             item = items[index]
@@ -113,6 +116,16 @@ class TurnCritic(nn.Module):
         q = self.q(out[row_index, torch.tensor(ends, device=out.device)])
         v = self.v(out[row_index, torch.tensor(states, device=out.device)])
         return q, v
+
+
+def _strip_adapters(module: nn.Module) -> None:
+    """Replace every peft LoRA wrapper inside ``module`` by the plain layer it wraps (in place)."""
+    for name, child in list(module.named_children()):
+        base_layer = getattr(child, "base_layer", None)
+        if isinstance(base_layer, nn.Module) and hasattr(child, "lora_A"):
+            setattr(module, name, base_layer)
+        else:
+            _strip_adapters(child)
 
 
 def critic_loss(

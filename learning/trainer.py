@@ -88,7 +88,7 @@ class TrainConfig:
     #: Where converted base models are kept (None: the default cache).
     cache_dir: str | None = None
     #: Policy-stage optimizer steps at most (early stopping may end sooner).
-    steps: int = 600
+    steps: int = 400
     #: ILQL value-stage optimizer steps, on cached features.
     value_steps: int = 1500
     #: Dialogues per optimizer step (per micro-batch with grad_accum).
@@ -112,7 +112,7 @@ class TrainConfig:
     lora_mlp: bool = True
     #: LoRA on the top this many decoder layers only; the rest are frozen and run once per dialogue
     #: (None: every layer, nothing cached).
-    upper_layers: int | None = 6
+    upper_layers: int | None = 4
     #: Longest training sequence in tokens; longer dialogues lose whole turns from the start.
     max_length: int = 512
     #: Share of real (logged) dialogues in each batch when both kinds exist.
