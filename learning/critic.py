@@ -18,7 +18,7 @@ Cross-attention between the reply and the whole history (unlike mean-pooled feat
 
 The actor is then trained by advantage-weighted regression (Peng et al. 2019), one weight per agent turn::
 
-    w_k = min(exp(A_k / T), w_max)
+    w_k = w_floor + min(exp(A_k / T), w_max)            (w_floor: BC regularisation, see CriticConfig)
     L_actor = Σ_k w_k · (−log π(u_k | s_k))            (summed over u_k's tokens)
 
 which distils "do what the critic prefers" into the LoRA policy itself: serving decodes one reply at the cost
@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,15 @@ logger = logging.getLogger(__name__)
 class CriticConfig:
     """The per-turn critic and the advantage weighting of the actor (``critic-awr``)."""
 
-    #: Critic optimizer steps at most (early stopping on held-out MSE may end sooner).
+    #: "frozen": small heads on the base model's features, computed once (Q reads the state and the reply's mean
+    #: hidden state); "adapted": the critic's own LoRA on a copy of the upper layers, trained end to end.
+    features: Literal["frozen", "adapted"] = "frozen"
+    #: Critic optimizer steps at most (early stopping on held-out MSE may end sooner); frozen-feature steps
+    #: cost only the heads, so they take many more.
     steps: int = 300
+    frozen_steps: int = 3000
+    #: Agent turns per frozen-feature critic step.
+    frozen_batch_size: int = 256
     #: Critic learning rate (LoRA and heads), warm-up then cosine decay.
     lr: float = 1e-3
     #: The critic's LoRA rank and alpha (its adapter is its own, on a copy of the upper layers).
@@ -65,6 +72,11 @@ class CriticConfig:
     temperature: float = 0.1
     #: Largest weight of one turn (keeps one lucky estimate from dominating the actor's loss).
     max_weight: float = 20.0
+    #: Imitation weight every turn keeps (w = floor + min(exp(A/T), w_max)): BC regularisation, so that turns the
+    #: critic cannot judge — a final act it cannot tell right from wrong — are still imitated. Measured on travel:
+    #: without it (floor 0) a critic that rates every recommendation below average left the actor 6 % of the
+    #: weight on recommendations and it stopped recommending.
+    bc_floor: float = 1.0
     #: Critic steps between held-out evaluations.
     eval_every: int = 50
     #: Held-out evaluations without improvement before the critic stops.
@@ -146,9 +158,13 @@ class AdvantageWeights:
     weights: list[list[float]]
 
     @classmethod
-    def from_advantages(cls, advantages: list[list[float]], temperature: float, max_weight: float) -> AdvantageWeights:
-        """Turn advantages into weights (``temperature`` T, clipped at ``max_weight``)."""
-        weights = [[min(math.exp(min(a / temperature, 50.0)), max_weight) for a in per_turn] for per_turn in advantages]
+    def from_advantages(
+        cls, advantages: list[list[float]], temperature: float, max_weight: float, floor: float = 0.0
+    ) -> AdvantageWeights:
+        """Turn advantages into weights ``floor + min(exp(A/T), w_max)``."""
+        weights = [
+            [floor + min(math.exp(min(a / temperature, 50.0)), max_weight) for a in per_turn] for per_turn in advantages
+        ]
         return cls(advantages, weights)
 
 
@@ -215,6 +231,99 @@ def held_out_mse(
     return {key: value / max(turns, 1) for key, value in totals.items()}
 
 
+class FrozenFeatureCritic(nn.Module):
+    """``Q(s, u)`` from ``[h(s), mean h(u)]`` and ``V(s)`` from ``h(s)``: small heads on features computed once."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.q = nn.Sequential(nn.LayerNorm(2 * hidden_size), ScalarHead(2 * hidden_size, 2 * hidden_size))
+        self.v = nn.Sequential(nn.LayerNorm(hidden_size), ScalarHead(hidden_size, 2 * hidden_size))
+
+    def forward(self, states: torch.Tensor, replies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, V)`` for ``[N, d]`` state features and ``[N, d]`` reply features."""
+        return self.q(torch.cat([states, replies], dim=-1)), self.v(states)
+
+
+@torch.no_grad()
+def turn_features(
+    hidden_of: Callable[[Sequence[int]], torch.Tensor], items: Sequence[EncodedDialogue], batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Per agent turn of every dialogue (in order): state feature ``h(s)``, the reply's mean hidden state, the
+    Monte-Carlo return; and each dialogue's first row. ``hidden_of(indices)`` gives ``[B, T, d]`` hidden states."""
+    states, replies, returns, first_rows = [], [], [], []
+    rows = 0
+    for start in range(0, len(items), batch_size):
+        indices = list(range(start, min(start + batch_size, len(items))))
+        hidden = hidden_of(indices).float()
+        for row, index in enumerate(indices):
+            item = items[index]
+            first_rows.append(rows)
+            for state, end in zip(item.turn_state, item.turn_end, strict=True):
+                states.append(hidden[row, state])
+                replies.append(hidden[row, state + 1 : end + 1].mean(0))
+            returns.extend(turn_returns(item))
+            rows += len(item.turn_end)
+    return torch.stack(states), torch.stack(replies), torch.tensor(returns), first_rows
+
+
+def _train_frozen_critic(
+    config: CriticConfig,
+    items: Sequence[EncodedDialogue],
+    held_indices: Sequence[int],
+    hidden_of: Callable[[Sequence[int]], torch.Tensor],
+    hidden_size: int,
+    probabilities: Sequence[float],
+    progress: Progress | None,
+) -> tuple[list[list[float]], dict[str, Any]]:
+    """Frozen-feature critic: features once, then many cheap head steps; returns per-turn advantages."""
+    states, replies, returns, first_rows = turn_features(hidden_of, items)
+    held = set(held_indices)
+    row_item = [i for i, item in enumerate(items) for _ in item.turn_end]
+    train_rows = torch.tensor([r for r, i in enumerate(row_item) if i not in held])
+    held_rows = torch.tensor([r for r, i in enumerate(row_item) if i in held])
+    # rows drawn as the mixing sampler draws their dialogues (real vs imagined ratio, source weights)
+    row_weights = torch.tensor(
+        [probabilities[row_item[r]] if row_item[r] < len(probabilities) else 0.0 for r in train_rows.tolist()]
+    )
+    critic = FrozenFeatureCritic(hidden_size)
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(0)
+    stopper = _Stop(critic, config.patience)
+    curve: list[dict[str, float]] = []
+    task_id = progress.add_task("critic", total=config.frozen_steps, terms="") if progress else None
+    step = 0
+    for step in range(1, config.frozen_steps + 1):
+        rows = train_rows[
+            torch.multinomial(row_weights, config.frozen_batch_size, replacement=True, generator=generator)
+        ]
+        q, v = critic(states[rows], replies[rows])
+        loss = F.mse_loss(q, returns[rows]) + F.mse_loss(v, returns[rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None and task_id is not None:
+            progress.update(task_id, advance=1, terms=f"loss={loss.item():.3f}")
+        if len(held_rows) and step % (config.eval_every * 4) == 0:
+            with torch.no_grad():
+                q, v = critic(states[held_rows], replies[held_rows])
+                point = {
+                    "step": float(step),
+                    "q_mse": F.mse_loss(q, returns[held_rows]).item(),
+                    "v_mse": F.mse_loss(v, returns[held_rows]).item(),
+                }
+            curve.append(point)
+            if stopper.update(point["q_mse"] + point["v_mse"], step):
+                break
+    if progress is not None and task_id is not None:
+        progress.remove_task(task_id)
+    stopper.restore()
+    with torch.no_grad():
+        q, v = critic(states, replies)
+    flat = (q - v).tolist()
+    advantages = [flat[first : first + len(item.turn_end)] for first, item in zip(first_rows, items, strict=True)]
+    return advantages, {"critic_steps": step, "critic_best_step": stopper.best_step, "critic_curve": curve}
+
+
 def train_critic(
     config: CriticConfig,
     items: Sequence[EncodedDialogue],
@@ -225,13 +334,28 @@ def train_critic(
     sampler: MixingSampler,
     progress: Progress | None = None,
     deadline: float = math.inf,
+    base_hidden_of: Callable[[Sequence[int]], torch.Tensor] | None = None,
 ) -> tuple[list[list[float]], dict[str, Any]]:
     """Train the per-turn critic, then return every dialogue's per-turn AWR weights and the critic's metrics.
 
     ``sampler`` draws training dialogues (indices into ``items``); ``held_indices`` are never trained on and
     stop training when their MSE stops falling. ``deadline`` is a ``time.monotonic()`` value.
+    ``base_hidden_of(indices)`` gives the base model's last hidden states (frozen-feature critic).
     """
     from learning.trainer import warmup_cosine  # one schedule for every stage
+
+    if config.features == "frozen":
+        if base_hidden_of is None:
+            raise ValueError("the frozen-feature critic needs base_hidden_of")
+        started = time.monotonic()
+        advantages, metrics = _train_frozen_critic(
+            config, items, held_indices, base_hidden_of, hidden_size, sampler.probabilities(), progress
+        )
+        weights = AdvantageWeights.from_advantages(advantages, config.temperature, config.max_weight, config.bc_floor)
+        metrics["critic_seconds"] = round(time.monotonic() - started, 1)
+        metrics.update(advantage_diagnostics(items, advantages, weights.weights, held_indices))
+        logger.info("critic: %s", {k: v for k, v in metrics.items() if k != "critic_curve"})
+        return weights.weights, metrics
 
     device = lower.states[0].device
     critic = TurnCritic(upper, hidden_size, rank=config.lora_rank, alpha=config.lora_alpha, mlp=True).to(device)
@@ -266,7 +390,7 @@ def train_critic(
         progress.remove_task(task_id)
     stopper.restore()
     advantages = turn_advantages(critic, items, lower)
-    weights = AdvantageWeights.from_advantages(advantages, config.temperature, config.max_weight)
+    weights = AdvantageWeights.from_advantages(advantages, config.temperature, config.max_weight, config.bc_floor)
     metrics: dict[str, Any] = {
         "critic_steps": step,
         "critic_best_step": stopper.best_step,

@@ -647,8 +647,23 @@ def train(
                 source_weights=config.source_weights,
                 seed=config.seed + 7919,
             )
+
+            def base_hidden_of(indices: Sequence[int]) -> torch.Tensor:
+                adapter = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+                with torch.no_grad(), adapter, autocast(bf16, device.type):
+                    return upper(lower.batch(indices).to(device))
+
             weights, critic_metrics = train_critic(
-                config.critic, items, held_indices, lower, upper, hidden_size, critic_sampler, bar, clock.deadline
+                config.critic,
+                items,
+                held_indices,
+                lower,
+                upper,
+                hidden_size,
+                critic_sampler,
+                bar,
+                clock.deadline,
+                base_hidden_of=base_hidden_of,
             )
             state["turn_weights"] = weights
             metrics.update(critic_metrics)

@@ -110,7 +110,12 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
         [sys.executable, "-m", "bot.cli", "db", "upgrade"], env=env, capture_output=True, text=True, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    assert "0001" in result.stderr + result.stdout
+    from alembic.script import ScriptDirectory
+
+    from storage.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(f"sqlite:///{tmp_path / 'reverie.db'}")).get_current_head()
+    assert head and f"at revision {head}" in result.stderr + result.stdout
     assert (tmp_path / "reverie.db").is_file()
 
 

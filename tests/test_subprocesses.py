@@ -100,9 +100,10 @@ async def test_a_low_priority_step_keeps_off_the_serving_cpus(tmp_path: Path) ->
     cpus = training_cpus(serving=1)
     assert cpus == available[:-1]
     log = tmp_path / "step.log"
-    script = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], os.nice(0))"
+    script = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS'), os.nice(0))"
     await run_step("confined", [sys.executable, "-c", script], log_path=log, time_limit_s=30, cpus=cpus)
-    assert log.read_text().split("\n")[0] == f"{cpus} {len(cpus)} 10"
+    niceness = min(os.nice(0) + 10, 19)  # ten steps below this process (a suite run under `nice` starts higher)
+    assert log.read_text().split("\n")[0] == f"{cpus} {len(cpus)} {niceness}"
     await run_step("free", [sys.executable, "-c", script], log_path=log, time_limit_s=30, low_priority=False)
     assert log.read_text().split("\n")[1].startswith(f"{available} ")
     assert training_cpus(serving=len(available) + 3) == available[:1]  # a child always gets one CPU
