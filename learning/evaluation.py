@@ -408,20 +408,9 @@ async def _run_policy(
     result = PolicyResult(name=policy.name, version_id=policy.version_id)
     # The opening line is the agent's first turn (it counts towards max_turns, as in the imagined data);
     # the policy is first asked for a reply after the user has answered it.
-    openings = await asyncio.gather(*(e.user.reply(task.opening_line) for e in episodes), return_exceptions=True)
-    open_episodes = []
-    for episode, answer in zip(episodes, openings, strict=True):
-        episode.history.extend(opening_history(task))
-        if isinstance(answer, BaseException):
-            logger.warning("simulated user failed in episode %d: %s", episode.index, answer)
-            episode.outcome = "user_error"
-            advance(1)
-            continue
-        episode.history.append(Message("user", answer.text))
-        if answer.done:
-            advance(1)
-        else:
-            open_episodes.append(episode)
+    opening = opening_history(task)[0].text
+    openings = await asyncio.gather(*(e.user.reply(opening) for e in episodes), return_exceptions=True)
+    open_episodes = _record_turn(episodes, [opening] * len(episodes), openings, advance)
     for turn in range(1, max_turns):
         if not open_episodes:
             break
@@ -440,20 +429,7 @@ async def _run_policy(
         answers = await asyncio.gather(
             *(e.user.reply(text) for e, text in zip(open_episodes, replies, strict=True)), return_exceptions=True
         )
-        still_open = []
-        for episode, text, answer in zip(open_episodes, replies, answers, strict=True):
-            episode.history.append(Message("agent", text))
-            if isinstance(answer, BaseException):
-                logger.warning("simulated user failed in episode %d: %s", episode.index, answer)
-                episode.outcome = "user_error"
-                advance(1)
-                continue
-            episode.history.append(Message("user", answer.text))
-            if answer.done:
-                advance(1)
-            else:
-                still_open.append(episode)
-        open_episodes = still_open
+        open_episodes = _record_turn(open_episodes, replies, answers, advance)
     advance(len(open_episodes))
     for episode in open_episodes:
         episode.outcome = "turn_limit"
@@ -476,6 +452,26 @@ async def _run_policy(
         )
     result.seconds = time.perf_counter() - clock
     return result
+
+
+def _record_turn(
+    episodes: Sequence[_Episode], agent_texts: Sequence[str], answers: Sequence[Any], advance: Any
+) -> list[_Episode]:
+    """Append each agent utterance and the user's answer (or mark a failed user); returns the episodes still open."""
+    still_open = []
+    for episode, text, answer in zip(episodes, agent_texts, answers, strict=True):
+        episode.history.append(Message("agent", text))
+        if isinstance(answer, BaseException):
+            logger.warning("simulated user failed in episode %d: %s", episode.index, answer)
+            episode.outcome = "user_error"
+            advance(1)
+            continue
+        episode.history.append(Message("user", answer.text))
+        if answer.done:
+            advance(1)
+        else:
+            still_open.append(episode)
+    return still_open
 
 
 async def _respond_in_chunks(
