@@ -43,6 +43,7 @@ from torch import nn
 from learning.dataset import EncodedDialogue, MixingSampler
 from learning.ilql import ScalarHead
 from learning.lora import lora_config
+from learning.optim import EarlyStopping, warmup_cosine
 from learning.split_trunk import LowerStates, UpperStack
 from storage.rewards import is_success
 
@@ -188,30 +189,6 @@ def turn_advantages(
     return advantages
 
 
-class _Stop:
-    """The best critic weights by held-out loss; stop after ``patience`` evaluations without improvement."""
-
-    def __init__(self, critic: TurnCritic, patience: int) -> None:
-        self.critic = critic
-        self.patience = patience
-        self.best = math.inf
-        self.best_step = 0
-        self.worse = 0
-        self.state: dict[str, torch.Tensor] | None = None
-
-    def update(self, value: float, step: int) -> bool:
-        if value < self.best - 1e-5:
-            self.best, self.best_step, self.worse = value, step, 0
-            self.state = {k: v.detach().clone() for k, v in self.critic.state_dict().items()}
-            return False
-        self.worse += 1
-        return self.worse >= self.patience
-
-    def restore(self) -> None:
-        if self.state is not None:
-            self.critic.load_state_dict(self.state)
-
-
 @torch.no_grad()
 def held_out_mse(
     critic: TurnCritic, items: Sequence[EncodedDialogue], indices: Sequence[int], lower: LowerStates
@@ -288,7 +265,7 @@ def _train_frozen_critic(
     critic = FrozenFeatureCritic(hidden_size)
     optimizer = torch.optim.AdamW(critic.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(0)
-    stopper = _Stop(critic, config.patience)
+    stopper = EarlyStopping(config.patience, critic.parameters(), min_delta=1e-5)
     curve: list[dict[str, float]] = []
     task_id = progress.add_task("critic", total=config.frozen_steps, terms="") if progress else None
     step = 0
@@ -342,8 +319,6 @@ def train_critic(
     stop training when their MSE stops falling. ``deadline`` is a ``time.monotonic()`` value.
     ``base_hidden_of(indices)`` gives the base model's last hidden states (frozen-feature critic).
     """
-    from learning.trainer import warmup_cosine  # one schedule for every stage
-
     if config.features == "frozen":
         if base_hidden_of is None:
             raise ValueError("the frozen-feature critic needs base_hidden_of")
@@ -363,7 +338,7 @@ def train_critic(
     parameters = critic.trainable_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr)
     scheduler = warmup_cosine(optimizer, config.steps, 0.05)
-    stopper = _Stop(critic, config.patience)
+    stopper = EarlyStopping(config.patience, critic.parameters(), min_delta=1e-5)
     batches = sampler.index_batches()
     curve: list[dict[str, float]] = []
     task_id = progress.add_task("critic", total=config.steps, terms="") if progress else None

@@ -62,6 +62,7 @@ from learning.ilql import (
     utterance_value_loss,
 )
 from learning.lora import attach_lora, load_lora, output_embedding, save_lora
+from learning.optim import EarlyStopping, warmup_cosine
 from learning.split_trunk import LowerStates, UpperStack, num_layers
 from storage import DialogueRecord
 from storage.rewards import SUCCESS_THRESHOLD, is_success
@@ -845,15 +846,6 @@ def lower_cache_file(config: TrainConfig, model_id: str, split: int) -> Path | N
     return Path(config.feature_cache_dir) / f"lower-{key}.safetensors"
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` × ``steps``, then cosine decay to a tenth of the peak learning rate."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=max(1, round(warmup * steps)), num_training_steps=max(1, steps), min_lr_rate=0.1
-    )
-
-
 class ImitationObjective:
     """Weighted imitation: every action token of agent turn k weighs ``w_k`` (1 for BC and filtered BC).
 
@@ -966,36 +958,6 @@ def held_out_loss(
         total_weighted += (weights * nll).sum().item()
         total_weight += weights.sum().item()
     return {"nll": total_nll / max(count, 1), "objective": total_weighted / max(total_weight, 1e-9)}
-
-
-class EarlyStopping:
-    """Keeps the trainable weights of the best held-out objective; says stop after ``patience`` rises in a row."""
-
-    def __init__(self, patience: int, parameters: Sequence[torch.nn.Parameter]) -> None:
-        self.patience = patience
-        self.parameters = list(parameters)
-        self.best = math.inf
-        self.best_step = 0
-        self.worse = 0
-        self._best_weights: list[torch.Tensor] | None = None
-
-    def update(self, value: float, step: int) -> bool:
-        """Record a held-out value; ``True`` when training should stop."""
-        if value < self.best - 1e-4:
-            self.best, self.best_step, self.worse = value, step, 0
-            self._best_weights = [p.detach().clone() for p in self.parameters]
-            return False
-        self.worse += 1
-        return self.patience > 0 and self.worse >= self.patience
-
-    def restore(self) -> bool:
-        """Put the best weights back (``False`` when none were recorded)."""
-        if self._best_weights is None:
-            return False
-        with torch.no_grad():
-            for parameter, best in zip(self.parameters, self._best_weights, strict=True):
-                parameter.copy_(best)
-        return True
 
 
 def _tied(model: torch.nn.Module) -> bool:
