@@ -223,20 +223,14 @@ class LowerStates:
         layers = decoder.layers[:split]
         cache = DynamicCache(config=decoder.config)
         embeds = decoder.embed_tokens(torch.tensor([prefix_ids], device=device))
-        if prefix_key in known:
-            prefix_states = known[prefix_key].to(device)
-        elif length == 0 or not layers:
+        # the shared prefix is short: recompute it every time (its keys and values are needed for the rest anyway)
+        if length == 0 or not layers:
             prefix_states = embeds[0].float()
         else:
             ones = torch.ones((1, length), dtype=torch.long, device=device)
             prefix_states = _run(decoder.config, decoder.rotary_emb, layers, None, embeds, ones, cache)[0].float()
         states: list[torch.Tensor | None] = [known[key].to(device) if key in known else None for key in keys]
         order = sorted((i for i, s in enumerate(states) if s is None), key=lambda i: len(sequences[i]))
-        if (
-            order and cache.get_seq_length() == 0 and layers and length
-        ):  # prefix states came from the file: rebuild its keys
-            ones = torch.ones((1, length), dtype=torch.long, device=device)
-            _run(decoder.config, decoder.rotary_emb, layers, None, embeds, ones, cache)
         task_id = progress.add_task("frozen layers", total=len(order), terms="") if progress else None
         start = 0
         while start < len(order):
@@ -286,7 +280,6 @@ class LowerStates:
         if cache_file is not None and order:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             known.update({keys[i]: states[i].cpu() for i in order if states[i] is not None})
-            known[prefix_key] = prefix_states.cpu()
             staging = cache_file.with_suffix(".tmp")
             save_file(known, str(staging))
             staging.replace(cache_file)  # readers never see a half-written file
