@@ -1,4 +1,5 @@
-"""ILQL (Snell et al. 2022): value heads and losses, readable next to the equations in DESIGN.md.
+"""ILQL (Snell et al. 2022): value heads and losses, readable next to the equations in
+docs/architecture.md ("ILQL").
 
 Heads read the base model's last hidden state ``h`` (the LoRA-adapted policy trunk):
 
@@ -37,7 +38,7 @@ HeadType = Literal["factorized", "full"]
 
 @dataclass
 class ILQLConfig:
-    """ILQL hyperparameters (defaults chosen on this machine; DESIGN.md lists the reference values)."""
+    """ILQL hyperparameters (defaults chosen on this machine; the comments give the reference values)."""
 
     level: Level = "utterance"
     gamma: float = 0.99
@@ -237,16 +238,17 @@ def cql_loss(all_q: torch.Tensor, taken_q: torch.Tensor) -> torch.Tensor:
 def utterance_value_loss(
     heads: ValueHeads,
     states: torch.Tensor,
-    ends: torch.Tensor,
+    replies: torch.Tensor,
     rewards: torch.Tensor,
     dones: torch.Tensor,
     next_states: torch.Tensor,
     return_range: tuple[float, float],
 ) -> LossTerms:
-    """L_Q + L_V for utterance transitions: ``Q(s, u)`` from ``[h_end(u), h(s)]``, ``V`` from ``h(s)``."""
+    """L_Q + L_V for utterance transitions: ``Q(s, u)`` from ``[mean h over u, h(s)]``, ``V`` from ``h(s)``
+    (``replies``: each reply's mean hidden state over its tokens)."""
     config = heads.config
     target = bellman_target(rewards, dones, heads.v(next_states), config.gamma, return_range)
-    pair = torch.cat([ends, states], dim=-1)
+    pair = torch.cat([replies, states], dim=-1)
     q1, q2 = heads.q1(pair).float(), heads.q2(pair).float()
     loss_q = F.mse_loss(q1, target) + F.mse_loss(q2, target)
     with torch.no_grad():
@@ -263,9 +265,10 @@ def token_nll(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), actions, reduction="none")
 
 
-def utterance_scores(heads: ValueHeads, states: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """``min(Q̄₁, Q̄₂)(s, u) − V(s)`` for candidate replies (``[N, d]`` each) — the reranking score."""
-    pair = torch.cat([ends, states], dim=-1)
+def utterance_scores(heads: ValueHeads, states: torch.Tensor, replies: torch.Tensor) -> torch.Tensor:
+    """``min(Q̄₁, Q̄₂)(s, u) − V(s)`` for candidate replies (``[N, d]`` each: ``h(s)`` and the reply's mean hidden
+    state) — the reranking score."""
+    pair = torch.cat([replies, states], dim=-1)
     target_q = torch.minimum(heads.target_q1(pair), heads.target_q2(pair))
     return target_q - heads.v(states)
 

@@ -1,4 +1,4 @@
-"""SQLModel tables (DESIGN.md, "Data model").
+"""SQLModel tables (docs/architecture.md, "Data model").
 
 Imagined, evaluation and real dialogues share :class:`Conversation` and :class:`Turn`, so mixing them
 for training is one query. All times are timezone-aware UTC.
