@@ -4,8 +4,8 @@ Token level (Snell et al.): among the top-k tokens of π, sample from ``softmax(
 V(s))) / temperature)``. With factorized Q heads, ``Q̄`` for the k candidates is k dot products with their
 embedding rows, so ILQL costs almost nothing over plain sampling.
 
-Utterance level: sample K replies per history from π, read ``Q̄(s, u) − V(s)`` from the hidden states at
-the prompt's end and at each reply's last token (both fall out of decoding for free), keep the best.
+Utterance level: sample K replies per history from π, read ``Q̄(s, u) − V(s)`` from the hidden state at the
+prompt's end and the mean hidden state over each reply's tokens (both fall out of decoding for free), keep the best.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from transformers import DynamicCache
 
 from learning.ilql import ValueHeads, token_advantages, utterance_scores
 from learning.lora import causal_lm, trunk
-from learning.trainer import autocast
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,9 @@ class DecodeConfig:
 
 @dataclass
 class Decoded:
-    """Generated token ids per row, and (when asked) the hidden states at the prompt end and reply end."""
+    """Generated token ids per row and, when asked, ``state_hidden`` (the hidden state at the prompt's end) and
+    ``end_hidden`` (the *sum* of the hidden states over the reply's tokens; divided by the reply's length it is
+    the mean ``Q(s, u)`` reads)."""
 
     tokens: list[list[int]]
     state_hidden: torch.Tensor | None = None
@@ -96,7 +97,7 @@ def decode(
     for step in range(config.max_new_tokens + 1):
         if should_stop is not None and should_stop():  # the policy is closing: give back what there is
             break
-        with autocast(config.bf16, device.type):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             out = decoder(
                 input_ids=step_input,
                 attention_mask=mask,
@@ -108,7 +109,7 @@ def decode(
         cache = out.past_key_values
         value_hidden = hidden
         if value_decoder is not None:
-            with autocast(config.bf16, device.type):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 value_out = value_decoder(
                     input_ids=step_input,
                     attention_mask=mask,
@@ -146,7 +147,7 @@ def decode(
         scores, candidates = log_probs.topk(k, dim=-1)
         if use_values:
             assert heads is not None
-            with autocast(config.bf16, device.type):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 advantage = token_advantages(heads, embedding, value_hidden, candidates)
             scores = scores + config.beta * advantage.float()
         if config.temperature <= 0:
@@ -200,7 +201,7 @@ def rerank_utterances(
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)
     reply_mean = decoded.end_hidden / lengths.unsqueeze(-1)
-    with autocast(config.bf16, decoded.end_hidden.device.type):
+    with torch.autocast(decoded.end_hidden.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         scores = utterance_scores(heads, decoded.state_hidden, reply_mean).float()
     empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens], device=scores.device)
     scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)
