@@ -1,7 +1,8 @@
 """The improvement loop: imagine → select real → mix → train → evaluate → gate → hot-swap.
 
 One :class:`ImprovementLoop` lives in the serving process. Heavy steps run as child processes
-(:mod:`bot.subprocesses`), so chats stay responsive; every step is recorded in a ``TrainingRun``; a crash, a
+(:mod:`bot.subprocesses`), so chats stay responsive; training and evaluation get a typed job file and the
+evaluation's report comes back typed (:mod:`bot.jobs`); every step is recorded in a ``TrainingRun``; a crash, a
 time-out, a cancelled run or a worse candidate leaves the active policy serving. One trainer at a time across
 replicas (:class:`storage.locks.TrainerLock`).
 """
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import redaction
 from bot.forgetting import RUN_INPUT, purge_forgotten
+from bot.jobs import EvalJob, TrainJob, train_config, write_job
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
 from bot.subprocesses import StepFailedError, reverie_command, run_step
@@ -36,8 +38,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Tasks with scripted simulated users; other tasks are evaluated by LLM-driven users.
-SCRIPTED_EVALUATION_TASKS = frozenset({"travel", "teaching"})
+#: The names the evaluation job gives the two policies it compares (the report is searched by them).
+CANDIDATE, ACTIVE = "candidate", "active"
+#: The job files of the train and evaluate steps, in the run directory.
+TRAIN_JOB, EVAL_JOB = "train-job.json", "eval-job.json"
 
 
 class ImprovementBusyError(RuntimeError):
@@ -68,13 +72,15 @@ def gate(candidate_success: float, active_success: float, margin: float) -> Gate
     return GateDecision(candidate_success >= active_success - margin, candidate_success, active_success, margin)
 
 
-def _success_rates(report_path: Path) -> list[float]:
-    """Success rate of each evaluated policy, in the order they were given to ``reverie eval``."""
+def _success_rates(path: Path) -> tuple[float, float]:
+    """Success rates of the candidate and the active policy, found by name in the evaluation child's report."""
+    from learning.evaluation import EvaluationReport
+
     try:
-        report = json.loads(report_path.read_text())
-        return [float(entry["success_rate"]) for entry in report["policies"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise StepFailedError(f"evaluation report {report_path} is missing or malformed: {error}") from error
+        report = EvaluationReport.from_json(path.read_text(encoding="utf-8"))
+        return report.result(CANDIDATE).success_rate, report.result(ACTIVE).success_rate
+    except (OSError, ValueError, KeyError) as error:
+        raise StepFailedError(f"evaluation report {path} is missing or malformed: {error}") from error
 
 
 class ImprovementLoop:
@@ -372,40 +378,41 @@ class ImprovementLoop:
         """Train a candidate checkpoint; mixing at the configured ratio happens in the trainer's sampler."""
         s = self.settings
         init_from = active.path if s.improve_from == "active" and active and Path(active.path).is_dir() else None
-        command = _flags(
-            "train",
-            algo=s.improve_algo,
-            task=self.task.name,
-            dialogues=dialogues,
-            real_ratio=s.improve_real_ratio,
-            steps=s.improve_steps,
-            value_steps=s.improve_value_steps,
-            out=candidate_dir,
-            seed=run.id,
-            base_model=s.base_model,
-            init_from=init_from,
-        )
+
+        def write() -> Path:  # off the event loop: it imports the trainer (torch) the first time
+            config = train_config(
+                s,
+                algorithm=s.improve_algo,
+                task=self.task.name,
+                seed=run.id or 0,
+                steps=s.improve_steps,
+                value_steps=s.improve_value_steps,
+            )
+            return write_job(TrainJob(config, str(dialogues), init_from), run_dir / TRAIN_JOB)
+
+        job = await asyncio.to_thread(write)
+        command = reverie_command("train", "--job", str(job), "--out", str(candidate_dir))
         await _step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
     ) -> tuple[float, float]:
         """Success rates of candidate and active policy on the same simulated users."""
+        from imagine.simulated import scripted_tasks
+
         s = self.settings
         out = run_dir / "evaluation"
-        command = _flags(
-            "eval",
+        job = EvalJob(
             task=self.task.name,
-            policy=[str(candidate_dir), active_source(active)],
-            users="scripted" if self.task.name in SCRIPTED_EVALUATION_TASKS else "llm",
+            policies={CANDIDATE: str(candidate_dir), ACTIVE: active_source(active)},
+            users="scripted" if self.task.name in scripted_tasks() else "llm",
             episodes=s.improve_eval_episodes,
-            seed=run.id,
-            out=out,
+            seed=run.id or 0,
             base_model=s.base_model,
         )
+        command = reverie_command("eval", "--job", str(write_job(job, run_dir / EVAL_JOB)), "--out", str(out))
         await _step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env())
-        candidate_success, active_success = _success_rates(out / "report.json")[:2]
-        return candidate_success, active_success
+        return _success_rates(out / "report.json")
 
     async def promote_or_reject(
         self,
@@ -566,9 +573,10 @@ async def _step(name: str, command: list[str], *, log_path: Path, time_limit_s: 
 
 
 def _remove_leftovers(run_dir: Path) -> None:
-    """Delete a finished run's input (users' words) and partial checkpoints: the candidate if it was not
-    promoted, the trainer's resume state (``.candidate.resume``) and staging directories (``.candidate.tmp-*``)."""
-    (run_dir / RUN_INPUT).unlink(missing_ok=True)
+    """Delete a finished run's inputs (users' words, the job files) and partial checkpoints: the candidate if it was
+    not promoted, the trainer's resume state (``.candidate.resume``) and staging directories (``.candidate.tmp-*``)."""
+    for name in (RUN_INPUT, TRAIN_JOB, EVAL_JOB):
+        (run_dir / name).unlink(missing_ok=True)
     for leftover in [run_dir / "candidate", *run_dir.glob(".candidate*")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -586,12 +594,11 @@ def _close(policy: Policy | None) -> None:
 
 
 def _flags(command: str, **options: object) -> list[str]:
-    """``reverie COMMAND --opt value ...``; ``None`` options are left out, lists repeat the flag."""
+    """``reverie COMMAND --opt value ...``; ``None`` options are left out."""
     args = [command]
     for name, value in options.items():
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None:
-                args += [f"--{name.replace('_', '-')}", str(item)]
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
     return reverie_command(*args)
 
 

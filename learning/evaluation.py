@@ -89,6 +89,31 @@ class EpisodeResult:
         """How many times the agent spoke."""
         return sum(1 for role, _ in self.turns if role == "agent")
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (turns as ``[role, text]`` pairs)."""
+        return {
+            "index": self.index,
+            "persona": self.persona,
+            "persona_type": self.persona_type,
+            "turns": [list(turn) for turn in self.turns],
+            "reward": self.reward,
+            "outcome": self.outcome,
+            "conversation_id": self.conversation_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpisodeResult:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            index=int(data["index"]),
+            persona=dict(data["persona"]),
+            persona_type=str(data["persona_type"]),
+            turns=[(str(role), str(text)) for role, text in data["turns"]],
+            reward=float(data["reward"]),
+            outcome=str(data["outcome"]),
+            conversation_id=data.get("conversation_id"),
+        )
+
 
 @dataclass(slots=True)
 class PolicyResult:
@@ -164,6 +189,21 @@ class PolicyResult:
             "error": self.error,
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`summary` and every episode: what :meth:`from_dict` restores the result from."""
+        return {**self.summary(), "episodes_detail": [episode.to_dict() for episode in self.episodes]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PolicyResult:
+        """The inverse of :meth:`to_dict` (the summary's statistics are recomputed from the episodes)."""
+        return cls(
+            name=str(data["name"]),
+            version_id=data.get("version_id"),
+            episodes=[EpisodeResult.from_dict(episode) for episode in data["episodes_detail"]],
+            seconds=float(data.get("seconds", 0.0)),
+            error=data.get("error"),
+        )
+
 
 def paired_difference(candidate: PolicyResult, baseline: PolicyResult, z: float = 1.96) -> tuple[float, float, float]:
     """(mean reward difference candidate − baseline, 95 % CI low, high) over the shared personas.
@@ -203,7 +243,7 @@ class EvaluationReport:
         raise KeyError(f"no policy {name!r} in this report: {[r.name for r in self.results]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (no transcripts)."""
+        """JSON-ready form: per policy its summary statistics and every episode (``episodes_detail``)."""
         return {
             "task": self.task,
             "users": self.users,
@@ -211,12 +251,33 @@ class EvaluationReport:
             "episodes": self.episodes,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat(),
-            "policies": [result.summary() for result in self.results],
+            "policies": [result.to_dict() for result in self.results],
         }
 
     def to_json(self) -> str:
-        """:meth:`to_dict` as indented JSON."""
+        """:meth:`to_dict` as indented JSON (``report.json``); :meth:`from_json` reads it back."""
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvaluationReport:
+        """The inverse of :meth:`to_dict`; ``ValueError`` when ``data`` is not a report."""
+        try:
+            return cls(
+                task=str(data["task"]),
+                users=str(data["users"]),
+                seed=int(data["seed"]),
+                episodes=int(data["episodes"]),
+                results=[PolicyResult.from_dict(result) for result in data["policies"]],
+                started_at=datetime.fromisoformat(data["started_at"]),
+                finished_at=datetime.fromisoformat(data["finished_at"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not an evaluation report: {type(error).__name__}: {error}") from error
+
+    @classmethod
+    def from_json(cls, text: str) -> EvaluationReport:
+        """A report from :meth:`to_json`'s text; ``ValueError`` when it is not one."""
+        return cls.from_dict(json.loads(text))
 
 
 async def evaluation_personas(

@@ -120,10 +120,27 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Episodes per respond_batch call."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: settings)."),
         store: bool = typer.Option(True, "--store/--no-store", help="Save episodes (source=evaluation, platform=sim)."),
+        job: Path | None = typer.Option(
+            None,
+            "--job",
+            help="A job file (bot.jobs.EvalJob, as the improvement loop writes it): its task, named policies, users, "
+            "episodes, seed, base model and store replace those options; --out still says where the report goes.",
+        ),
     ) -> None:
         """Evaluate policies against simulated users with hidden personas; write report.md and report.png."""
         from imagine.task import TaskSpecError, load_task
 
+        names: list[str] | None = None
+        if job is not None:
+            from bot.jobs import EvalJob, JobError
+
+            try:
+                loaded = EvalJob.from_json(job)
+            except JobError as error:
+                raise typer.BadParameter(str(error), param_hint="--job") from error
+            task_name, users, episodes, seed = loaded.task, loaded.users, loaded.episodes, loaded.seed
+            base_model, store = loaded.base_model, loaded.store
+            names, policy_sources = list(loaded.policies), list(loaded.policies.values())
         if users not in ("scripted", "llm"):
             raise typer.BadParameter("choose 'scripted' or 'llm'", param_hint="--users")
         settings = Settings()
@@ -148,6 +165,9 @@ def register(app: typer.Typer) -> None:
             cache_dir=settings.resolved_model_cache_dir,
             device=device or settings.device,
         )
+        if names is not None:
+            for policy, name in zip(policies, names, strict=True):
+                policy.name = name  # the job's names, by which the improvement loop finds each result
         try:
             report = asyncio.run(
                 _run(settings, policies, task, users, episodes, seed, store, user_backend, model_name, batch_size)

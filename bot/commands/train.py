@@ -1,8 +1,9 @@
 """``reverie train``: BC, filtered BC or ILQL on imagined and real dialogues; writes a checkpoint directory.
 
-Data comes from ``--dialogues FILE.jsonl`` (``DialogueRecord.to_dict()`` lines, as the improvement loop
-writes them) or, without it, from the database (closed, rewarded dialogues of ``--task``). Bad data exits
-with status 1 and a message that says what is wrong.
+``--job FILE`` (a :class:`bot.jobs.TrainJob`, what the improvement loop writes) gives the whole training config
+instead of the options. Data comes from ``--dialogues FILE.jsonl`` (``DialogueRecord.to_dict()`` lines, as the
+improvement loop writes them) or, without it, from the database (closed, rewarded dialogues of ``--task``). Bad
+data exits with status 1 and a message that says what is wrong.
 """
 
 from __future__ import annotations
@@ -39,11 +40,17 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, help="auto | cpu | cuda (default DEVICE)."),
         time_limit_minutes: float = typer.Option(None, help="Stop and save when this much time has passed."),
         quiet: bool = typer.Option(False, help="No progress bar."),
+        job: Path = typer.Option(
+            None,
+            help="A job file (bot.jobs.TrainJob, as the improvement loop writes it): its config, dialogues "
+            "and init-from replace the options above; --out still says where the checkpoint goes.",
+        ),
     ) -> None:
         """Train a policy checkpoint (the default algorithm unless --algo) and print its path."""
+        from bot.jobs import JobError, TrainJob, train_config
         from learning.checkpoint import CheckpointError
         from learning.dataset import DatasetError
-        from learning.trainer import TrainConfig, TrainingError, load_dialogues_jsonl
+        from learning.trainer import TrainingError, load_dialogues_jsonl
         from learning.trainer import train as run_training
 
         settings = Settings()
@@ -51,27 +58,30 @@ def register(app: typer.Typer) -> None:
         try:
             from imagine.task import TaskSpecError, load_task
 
-            spec = load_task(task or settings.task)
-        except TaskSpecError as error:
+            loaded = TrainJob.from_json(job) if job is not None else None
+            spec = load_task(loaded.config.task if loaded else task or settings.task)
+        except (TaskSpecError, JobError) as error:
             console.print(f"[red]reverie train: {error}[/red]")
             raise typer.Exit(code=1) from error
         try:
-            config = TrainConfig(
-                algorithm=algo,  # type: ignore[arg-type]
-                task=spec.name,
-                base_model=base_model or settings.base_model,
-                cache_dir=str(settings.resolved_model_cache_dir),
-                real_ratio=settings.improve_real_ratio if real_ratio is None else real_ratio,
-                seed=seed,
-                time_limit_minutes=time_limit_minutes,
-                device=device or settings.device,
-            )
-            if steps or settings.improve_steps:
-                config.steps = steps or settings.improve_steps
-            if value_steps is not None:
-                config.value_steps = value_steps
-            if batch_size is not None:
-                config.batch_size = batch_size
+            if loaded is not None:
+                config = loaded.config
+                dialogues = Path(loaded.dialogues)
+                init_from = Path(loaded.init_from) if loaded.init_from else None
+            else:
+                config = train_config(
+                    settings,
+                    algorithm=algo,
+                    task=spec.name,
+                    seed=seed,
+                    base_model=base_model,
+                    real_ratio=real_ratio,
+                    steps=steps,
+                    value_steps=value_steps,
+                    batch_size=batch_size,
+                    device=device,
+                    time_limit_minutes=time_limit_minutes,
+                )
             if dialogues is not None:
                 records = load_dialogues_jsonl(dialogues)
             else:
