@@ -13,7 +13,10 @@ from typing import Protocol
 #: Longest message each platform accepts, in characters.
 PLATFORM_TEXT_LIMITS: dict[str, int] = {"telegram": 4096, "discord": 2000, "console": 100_000}
 
-_FEEDBACK_DATA = re.compile(r"^fb:(\d{1,18}):(up|down)$")
+#: Feedback button data (:func:`encode_feedback`), as a pattern with the groups ``turn_id`` and ``vote``; Discord
+#: matches clicks against it too. At most 18 digits: a turn id beyond that is not one Reverie made.
+FEEDBACK_TEMPLATE = r"fb:(?P<turn_id>\d{1,18}):(?P<vote>up|down)"
+_FEEDBACK_DATA = re.compile(FEEDBACK_TEMPLATE)
 
 
 class FeedbackDataError(ValueError):
@@ -80,7 +83,7 @@ def decode_feedback(data: str | None) -> tuple[int, bool]:
     match = _FEEDBACK_DATA.fullmatch(data or "")
     if match is None:
         raise FeedbackDataError(f"not a feedback button: {str(data)[:80]!r}")
-    return int(match.group(1)), match.group(2) == "up"
+    return int(match["turn_id"]), match["vote"] == "up"
 
 
 class Improver(Protocol):

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from learning.algorithms import DEFAULT_ALGORITHM, Algorithm
+from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 
 
 class Settings(BaseSettings):
@@ -37,9 +38,9 @@ class Settings(BaseSettings):
     task: str = Field(default="travel", description="Task spec served by the bot: built-in name or TOML path.")
 
     # --- decoding ------------------------------------------------------------------------------------
-    max_new_tokens: int = Field(default=96, ge=1, le=1024)
-    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
-    top_k: int = Field(default=20, ge=0)
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=1024)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=5.0)
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=0)
     beta: float | None = Field(default=None, description="ILQL advantage weight; default: the checkpoint's.")
 
     # --- imagination ---------------------------------------------------------------------------------

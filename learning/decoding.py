@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from learning.ilql import ValueHeads, token_advantages, utterance_scores
+from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from learning.lora import causal_lm, trunk
 
 
@@ -24,9 +25,9 @@ from learning.lora import causal_lm, trunk
 class DecodeConfig:
     """Sampling settings; ``temperature = 0`` is greedy, ``beta = 0`` ignores the value heads."""
 
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_k: int = 20
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
     beta: float = 0.0
     candidates: int = 1  # K replies per history for utterance-level reranking
     bf16: bool = True

@@ -12,6 +12,12 @@ from typing import Literal, Protocol, runtime_checkable
 
 Speaker = Literal["user", "agent"]
 
+#: How every policy samples a reply unless told otherwise (decoding, ``load_policy``, the bot's settings): at
+#: most this many new tokens, this temperature, from the top-k tokens.
+DEFAULT_MAX_NEW_TOKENS = 96
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_K = 20
+
 
 @dataclass(frozen=True, slots=True)
 class Message:

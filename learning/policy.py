@@ -37,7 +37,7 @@ from learning.decoding import DecodeConfig, decode, rerank_utterances
 from learning.devices import resolve_device
 from learning.engine import DecodeEngine, GenerationRequest, engine_supports
 from learning.ilql import ILQLConfig, ValueHeads
-from learning.interface import History
+from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, History
 from learning.lora import load_lora
 from learning.trainer import HEADS_FILE
 
@@ -423,9 +423,9 @@ def load_policy(
     cache_dir: Path | None = None,
     device: str = "auto",
     version_id: int | None = None,
-    max_new_tokens: int = 96,
-    temperature: float = 0.7,
-    top_k: int = 20,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int = DEFAULT_TOP_K,
     beta: float | None = None,
     candidates: int | None = None,
 ) -> LearnedPolicy:

@@ -29,7 +29,7 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, Reply, encode_feedback
+from bot.events import FEEDBACK_TEMPLATE, PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, Reply, encode_feedback
 from bot.inflight import InFlight
 from bot.settings import Settings
 
@@ -41,8 +41,6 @@ _log = logging.getLogger(__name__)
 PLATFORM = "discord"
 #: Longest message Discord accepts.
 TEXT_LIMIT = PLATFORM_TEXT_LIMITS[PLATFORM]
-#: Feedback button custom ids, the same data as :func:`bot.events.encode_feedback`.
-FEEDBACK_TEMPLATE = r"fb:(?P<turn_id>\d+):(?P<vote>up|down)"
 #: Discord drops an interaction not acknowledged within 3 s; defer when the service takes longer than this.
 DEFER_AFTER_S = 2.0
 #: What a user sees when handling their event failed (details go to the log).
