@@ -82,7 +82,7 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
             top_k=settings.top_k,
             beta=settings.beta,
         )
-        torch.set_num_threads(settings.resolved_torch_threads)  # after loading: the loader picks its own
+        torch.set_num_threads(settings.resolved_torch_threads)  # the one place serving sets its thread count
         return policy
 
     return load

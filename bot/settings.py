@@ -7,7 +7,6 @@ and never appear in ``repr``, logs or ``/status``.
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -116,9 +115,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_torch_threads(self) -> int:
-        """Serving threads: half the cores, so a training child at low priority never oversubscribes the CPU
-        (on 2 shared cores, 2 spinning OpenMP threads are ~20x slower than 1)."""
-        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        """Serving threads (:func:`bot.subprocesses.serving_threads`): half the CPUs this process may use, so a
+        training child at low priority never oversubscribes them (on 2 shared cores, 2 spinning OpenMP threads are
+        ~20x slower than 1)."""
+        from bot.subprocesses import serving_threads
+
+        return serving_threads(self.torch_threads)
 
     @property
     def resolved_model_cache_dir(self) -> Path:

@@ -37,13 +37,14 @@ def reverie_command(*args: str) -> list[str]:
 _PR_SET_PDEATHSIG = 1
 
 
-def serving_threads() -> int:
-    """Threads the serving process computes with: ``TORCH_THREADS``, else half the CPUs it may use (as
-    :attr:`bot.settings.Settings.resolved_torch_threads` decides)."""
-    configured = os.environ.get("TORCH_THREADS", "").strip()
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return max(1, len(_available_cpus()) // 2)
+def serving_threads(configured: int | None = None) -> int:
+    """Threads the serving process computes with: ``configured`` (the ``TORCH_THREADS`` setting; read from the
+    environment when not given), else half the CPUs this process may use, so a confined training child gets the
+    other half. The one rule behind :attr:`bot.settings.Settings.resolved_torch_threads`."""
+    if configured is None:
+        text = os.environ.get("TORCH_THREADS", "").strip()
+        configured = int(text) if text.isdigit() and int(text) > 0 else None
+    return configured or max(1, len(_available_cpus()) // 2)
 
 
 def _available_cpus() -> list[int]:

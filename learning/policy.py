@@ -436,7 +436,6 @@ def load_policy(
     checkpoint trained on another base model.
     """
     device = resolve_device(device)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     if str(source) == "base":
         base = _load_base(base_model, cache_dir, device)
         config = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
