@@ -47,7 +47,6 @@ from learning.decoding import DecodeConfig, left_pad  # noqa: E402
 from learning.ilql import ILQLConfig, ValueHeads  # noqa: E402
 from learning.interface import History, Message  # noqa: E402
 from learning.policy import LearnedPolicy  # noqa: E402
-from learning.trainer import autocast  # noqa: E402
 
 NEVER = -1  # an end-of-turn id no token has: every reply runs to the token budget
 RESULTS = ROOT / "bench" / "results" / "decode.json"
@@ -107,7 +106,7 @@ class Bench:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
 
         def run() -> None:
-            with torch.inference_mode(), autocast(use_autocast):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
                 model.generate(
                     ids,
                     attention_mask=mask,
