@@ -26,6 +26,8 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+#: The ILQL value heads of a checkpoint (absent for policies that decode without them).
+HEADS_FILE = "heads.safetensors"
 
 
 class CheckpointError(RuntimeError):

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from imagine.task import TaskSpec
 from learning.base_model import BaseModelError, load_base_model
-from learning.checkpoint import CheckpointError, check_base_model, load_manifest, verify_checkpoint
+from learning.checkpoint import HEADS_FILE, CheckpointError, check_base_model, load_manifest, verify_checkpoint
 from learning.dataset import ROLE_NAMES, clean_text, end_of_turn_id
 from learning.decoding import DecodeConfig, decode, rerank_utterances
 from learning.devices import resolve_device
@@ -39,7 +39,6 @@ from learning.engine import DecodeEngine, GenerationRequest, engine_supports
 from learning.ilql import ILQLConfig, ValueHeads
 from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, History
 from learning.lora import load_lora
-from learning.trainer import HEADS_FILE
 
 logger = logging.getLogger(__name__)
 

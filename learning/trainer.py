@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from imagine.task import TaskSpec, load_task
 from learning.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, Algorithm
 from learning.base_model import load_base_model
-from learning.checkpoint import check_base_model, load_manifest, save_checkpoint, verify_checkpoint
+from learning.checkpoint import HEADS_FILE, check_base_model, load_manifest, save_checkpoint, verify_checkpoint
 from learning.critic import CriticConfig, train_critic
 from learning.dataset import (
     DatasetError,
@@ -63,13 +63,12 @@ from learning.ilql import (
 )
 from learning.lora import attach_lora, load_lora, output_embedding, save_lora
 from learning.optim import EarlyStopping, warmup_cosine
+from learning.probes import final_act_probes, probe_fit_rate
 from learning.split_trunk import LowerStates, UpperStack, num_layers
 from storage import DialogueRecord
 from storage.rewards import SUCCESS_THRESHOLD, is_success
 
 logger = logging.getLogger(__name__)
-
-HEADS_FILE = "heads.safetensors"
 
 
 class TrainingError(RuntimeError):
@@ -193,13 +192,6 @@ class TrainConfig:
         for volatile in ("time_limit_minutes", "checkpoint_every", "cache_dir", "device", "feature_cache_dir"):
             data.pop(volatile, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def autocast(enabled: bool, device_type: str = "cpu") -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on ``device_type`` (``cpu`` or ``cuda``) where enabled, a no-op otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int) -> None:
@@ -622,9 +614,6 @@ def train(
         state["torch_rng"] = torch.get_rng_state().tolist()
         _save_resume(resume, state, model, heads, optimizer, value_optimizer)
 
-    # decoding imports this module (autocast) at load time, so the probes that decode are imported here
-    from learning.probes import final_act_probes, probe_fit_rate
-
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     interrupted = False
     probes = final_act_probes(task.name, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
@@ -651,7 +640,7 @@ def train(
 
             def base_hidden_of(indices: Sequence[int]) -> torch.Tensor:
                 adapter = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-                with torch.no_grad(), adapter, autocast(bf16, device.type):
+                with torch.no_grad(), adapter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     return upper(lower.batch(indices).to(device))
 
             weights, critic_metrics = train_critic(
@@ -686,7 +675,7 @@ def train(
                 for _ in range(config.grad_accum):
                     indices = next(batches)
                     batch = collate([items[i] for i in indices], tokenizer.pad_token_id).to(device)
-                    with autocast(bf16, device.type):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         hidden = upper(lower.batch(indices).to(device))
                         loss, terms = _policy_loss(
                             model,
@@ -754,7 +743,7 @@ def train(
 
             def hidden_of(indices: Sequence[int]) -> torch.Tensor:
                 adapter = model.disable_adapter() if features_from_base else contextlib.nullcontext()
-                with adapter, autocast(bf16, device.type):
+                with adapter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     return upper(lower.batch(indices).to(device))
 
             table = build_feature_table(
@@ -771,7 +760,7 @@ def train(
             while state["value_step"] < config.value_steps:
                 rows = torch.multinomial(table.weights, config.value_batch_size, replacement=True, generator=generator)
                 value_bf16 = config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token"
-                with autocast(value_bf16, device.type):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=value_bf16):
                     result = value_step_loss(heads, table, rows, embedding, returns)
                 result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(heads.trainable_parameters(), 1.0)
@@ -946,7 +935,7 @@ def held_out_loss(
     for start in range(0, len(indices), batch_size):
         chunk = list(indices[start : start + batch_size])
         batch = collate([items[i] for i in chunk], 0).to(device)
-        with autocast(bf16, device.type):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = upper(lower.batch(chunk).to(device))
         action = batch.action_mask[:, 1:]
         states = hidden[:, :-1][action].float()
