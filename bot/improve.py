@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import redaction
 from bot.forgetting import RUN_INPUT, purge_forgotten
+from bot.imagination import ImaginationChoice, choose_imagination
 from bot.jobs import EvalJob, TrainJob, train_config, write_job
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
@@ -49,6 +50,39 @@ class ImprovementBusyError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """Candidate − active mean reward over the same held-out personas, with its 95 % interval
+    (:func:`learning.evaluation.paired_difference`; with scripted users rewards are 0/1, so it is the difference
+    of success rates)."""
+
+    mean: float
+    low: float
+    high: float
+    episodes: int
+
+    @property
+    def significantly_worse(self) -> bool:
+        """The whole interval lies below 0: the candidate is worse, beyond chance."""
+        return self.high < 0
+
+    def describe(self) -> str:
+        """E.g. ``paired difference -3.0 points (95 % CI -8.1 to +2.1) over 100 personas``."""
+        return (
+            f"paired difference {100 * self.mean:+.1f} points (95 % CI {100 * self.low:+.1f} to "
+            f"{100 * self.high:+.1f}) over {self.episodes} personas"
+        )
+
+    def to_metrics(self) -> dict[str, float | int]:
+        """The fields the run record and the version's metrics keep."""
+        return {
+            "paired_difference": self.mean,
+            "paired_ci_low": self.low,
+            "paired_ci_high": self.high,
+            "eval_episodes": self.episodes,
+        }
+
+
+@dataclass(frozen=True)
 class GateDecision:
     """Whether a candidate replaces the active policy, and why."""
 
@@ -56,31 +90,91 @@ class GateDecision:
     candidate_success: float
     active_success: float
     margin: float
+    paired: PairedDifference | None = None
 
     @property
     def reason(self) -> str:
         """One line for logs, ``/status`` and the run record."""
         verb = "promoted" if self.promote else "rejected"
-        return (
+        line = (
             f"{verb}: candidate success {self.candidate_success:.1%} vs active {self.active_success:.1%} "
             f"(margin {self.margin:.1%})"
         )
+        if self.paired is not None:
+            line += "; " + self.paired.describe()
+            if self.paired.significantly_worse:
+                line += ": significantly worse"
+        return line
 
 
-def gate(candidate_success: float, active_success: float, margin: float) -> GateDecision:
-    """Promote unless the candidate is worse than the active policy by more than ``margin``."""
-    return GateDecision(candidate_success >= active_success - margin, candidate_success, active_success, margin)
+def gate(
+    candidate_success: float, active_success: float, margin: float, paired: PairedDifference | None = None
+) -> GateDecision:
+    """Promote unless the candidate is worse than the active policy by more than ``margin``, and never when the
+    paired difference over the same personas is significantly negative (its 95 % interval entirely below 0)."""
+    promote = candidate_success >= active_success - margin
+    if paired is not None and paired.significantly_worse:
+        promote = False
+    return GateDecision(promote, candidate_success, active_success, margin, paired)
 
 
-def _success_rates(path: Path) -> tuple[float, float]:
-    """Success rates of the candidate and the active policy, found by name in the evaluation child's report."""
-    from learning.evaluation import EvaluationReport
+@dataclass(frozen=True)
+class GateInputs:
+    """What the gate reads from the evaluation: both success rates and their paired difference."""
+
+    candidate_success: float
+    active_success: float
+    paired: PairedDifference
+
+
+def _gate_inputs(path: Path) -> GateInputs:
+    """The candidate's and the active policy's results, found by name in the evaluation child's report."""
+    from learning.evaluation import EvaluationReport, paired_difference
 
     try:
         report = EvaluationReport.from_json(path.read_text(encoding="utf-8"))
-        return report.result(CANDIDATE).success_rate, report.result(ACTIVE).success_rate
+        candidate, active = report.result(CANDIDATE), report.result(ACTIVE)
+        mean, low, high = paired_difference(candidate, active)
     except (OSError, ValueError, KeyError) as error:
         raise StepFailedError(f"evaluation report {path} is missing or malformed: {error}") from error
+    return GateInputs(candidate.success_rate, active.success_rate, PairedDifference(mean, low, high, candidate.n))
+
+
+async def register_checkpoint(
+    store: Store,
+    path: str | Path,
+    *,
+    metrics: dict[str, Any] | None = None,
+    parent_id: int | None = None,
+    expected_sha256: str | None = None,
+) -> PolicyVersion:
+    """Register a checkpoint directory as a candidate policy version (what the improvement loop does with every
+    candidate, ``reverie train`` with what it trained and ``reverie policies add`` with any checkpoint).
+
+    The checkpoint is verified first (every file against its manifest's sha256); its base model and algorithm come
+    from the manifest; its path is stored absolute. ``expected_sha256``: the digest the caller verified earlier (the
+    checkpoint must not have changed since). A path that is not an intact checkpoint raises
+    :class:`learning.checkpoint.CheckpointError` and registers nothing. Registering the same checkpoint again
+    returns its existing version.
+    """
+    from learning.checkpoint import CheckpointError, load_manifest, verify_checkpoint
+
+    directory = Path(path).expanduser().resolve()
+
+    def read() -> tuple[str, dict[str, Any]]:
+        return verify_checkpoint(directory), load_manifest(directory)
+
+    sha256, manifest = await asyncio.to_thread(read)
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise CheckpointError(f"{directory}: changed since it was verified (manifest sha256 differs)")
+    return await store.register_policy_version(
+        path=str(directory),
+        sha256=sha256,
+        base_model=str(manifest["base_model"]),
+        algorithm=str(manifest["algorithm"]),
+        metrics=metrics,
+        parent_id=parent_id,
+    )
 
 
 class ImprovementLoop:
@@ -195,9 +289,20 @@ class ImprovementLoop:
             lines.append("No improvement run yet.")
         if self.running:
             lines.append("A run is in progress now.")
+        lines.append(self.imagination_line())
         if self.next_run_time is not None and (when := self.next_run_time()) is not None:
             lines.append(f"Next scheduled run: {when:%Y-%m-%d %H:%M} UTC")
         return lines
+
+    def imagination(self) -> ImaginationChoice:
+        """The imagination source of this loop's runs, and why (:func:`bot.imagination.choose_imagination`)."""
+        return choose_imagination(self.settings, self.task.name)
+
+    def imagination_line(self) -> str:
+        """The ``/status`` line about imagination."""
+        if self.settings.improve_imagined <= 0:
+            return "Imagination: off (IMPROVE_IMAGINED=0): runs train on stored dialogues only"
+        return f"Imagination: {self.imagination().describe()}"
 
     async def sync_active(self) -> bool:
         """Serve what the database says is active (a CLI ``activate``, another replica's promotion).
@@ -276,13 +381,15 @@ class ImprovementLoop:
             raise ImprovementBusyError("another improvement run holds the trainer lock; skipping this one")
         settings = self.settings
         try:
+            imagination = self.imagination()
             config = {
                 "task": self.task.name,
                 "algo": settings.improve_algo,
                 "steps": settings.improve_steps,
                 "value_steps": settings.improve_value_steps,
                 "imagined": settings.improve_imagined,
-                "backend": settings.imagine_backend,
+                "backend": imagination.backend,
+                "backend_reason": imagination.reason,
                 "real_ratio": settings.improve_real_ratio,
                 "eval_episodes": settings.improve_eval_episodes,
                 "margin": settings.improve_margin,
@@ -290,10 +397,18 @@ class ImprovementLoop:
                 "base_model": settings.base_model,
             }
             run = await self.store.start_training_run(trigger=trigger, config=config)
+            if settings.improve_imagined > 0:
+                logger.log(
+                    logging.WARNING if imagination.warning else logging.INFO,
+                    "improvement run %s imagines %d dialogues with %s",
+                    run.id,
+                    settings.improve_imagined,
+                    imagination.describe(),
+                )
             run_dir = settings.data_dir / "runs" / f"run-{run.id}"
             candidate_dir = run_dir / "candidate"
             try:
-                return await self._steps(run, run_dir, candidate_dir)
+                return await self._steps(run, run_dir, candidate_dir, imagination.backend)
             except asyncio.CancelledError:
                 await asyncio.shield(
                     self.store.update_training_run(run.id, status=RunStatus.CANCELLED, error="cancelled")
@@ -309,7 +424,7 @@ class ImprovementLoop:
         finally:
             await self.lock.release()
 
-    async def _steps(self, run: TrainingRun, run_dir: Path, candidate_dir: Path) -> TrainingRun:
+    async def _steps(self, run: TrainingRun, run_dir: Path, candidate_dir: Path, backend: str) -> TrainingRun:
         deadline = time.monotonic() + self.settings.improve_time_limit_minutes * 60
         started = time.monotonic()
 
@@ -318,7 +433,7 @@ class ImprovementLoop:
 
         self.on_step("imagine")
         if self.settings.improve_imagined > 0:
-            await self._imagine(run, run_dir, remaining())
+            await self._imagine(run, run_dir, backend, remaining())
 
         self.on_step("select")
         dialogues_path, run, real_ids = await self._select(run, run_dir)
@@ -331,23 +446,25 @@ class ImprovementLoop:
         from learning.checkpoint import verify_checkpoint  # import late: the server starts faster
 
         sha256 = await asyncio.to_thread(verify_checkpoint, candidate_dir)  # a corrupt candidate stops here
-        candidate_success, active_success = await self._evaluate(run, candidate_dir, active, run_dir, remaining())
+        results = await self._evaluate(run, candidate_dir, active, run_dir, remaining())
 
         self.on_step("gate")
         return await self.promote_or_reject(
             run,
             candidate_dir,
             sha256=sha256,
-            candidate_success=candidate_success,
-            active_success=active_success,
+            candidate_success=results.candidate_success,
+            active_success=results.active_success,
+            paired=results.paired,
             duration_s=time.monotonic() - started,
             trained_on=real_ids,
         )
 
-    async def _imagine(self, run: TrainingRun, run_dir: Path, time_limit_s: float) -> None:
-        """Fresh imagined dialogues of the task; they land in the database as ``source="imagined"``."""
+    async def _imagine(self, run: TrainingRun, run_dir: Path, backend: str, time_limit_s: float) -> None:
+        """Fresh imagined dialogues of the task from ``backend``; they land in the database as
+        ``source="imagined"``."""
         s = self.settings
-        command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=s.imagine_backend, seed=run.id)
+        command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=backend, seed=run.id)
         await _step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
@@ -396,8 +513,9 @@ class ImprovementLoop:
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
-    ) -> tuple[float, float]:
-        """Success rates of candidate and active policy on the same simulated users."""
+    ) -> GateInputs:
+        """Success rates of candidate and active policy on the same simulated users, and their paired
+        difference."""
         from imagine.simulated import scripted_tasks
 
         s = self.settings
@@ -412,7 +530,7 @@ class ImprovementLoop:
         )
         command = reverie_command("eval", "--job", str(write_job(job, run_dir / EVAL_JOB)), "--out", str(out))
         await _step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env())
-        return _success_rates(out / "report.json")
+        return _gate_inputs(out / "report.json")
 
     async def promote_or_reject(
         self,
@@ -422,28 +540,44 @@ class ImprovementLoop:
         sha256: str,
         candidate_success: float,
         active_success: float,
+        paired: PairedDifference | None = None,
         duration_s: float = 0.0,
         trained_on: list[int] | None = None,
     ) -> TrainingRun:
         """Register the candidate; promote and hot-swap it only if :func:`gate` says it is not worse.
 
+        ``sha256``: the candidate's digest as verified before its evaluation (it must not have changed since);
+        ``paired``: the candidate − active difference over the same personas (a significantly negative one is never
+        promoted), recorded in the run's and the version's metrics.
+
         ``trained_on``: ids of the real conversations in its training set. If any of their users asked to be
         forgotten before the promotion, the candidate is discarded (checkpoint deleted, never served) and the
         run fails; the promotion itself is one transaction with that check (``Store.activate_policy_version``).
         """
-        decision = gate(candidate_success, active_success, self.settings.improve_margin)
+        decision = gate(candidate_success, active_success, self.settings.improve_margin, paired)
         active = await self.store.active_policy_version()
         final_dir = self.settings.checkpoints_dir / f"v-run{run.id}"
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         candidate_dir.rename(final_dir)
-        version = await self.store.register_policy_version(
-            path=str(final_dir.resolve()),
-            sha256=sha256,
-            base_model=self.settings.base_model,
-            algorithm=self.settings.improve_algo,
-            metrics={"success_rate": candidate_success, "active_success_rate": active_success, "run_id": run.id},
-            parent_id=active.id if active else None,
-        )
+        from learning.checkpoint import CheckpointError
+
+        gate_metrics = paired.to_metrics() if paired is not None else {}
+        try:
+            version = await register_checkpoint(
+                self.store,
+                final_dir,
+                metrics={
+                    "success_rate": candidate_success,
+                    "active_success_rate": active_success,
+                    "run_id": run.id,
+                    **gate_metrics,
+                },
+                parent_id=active.id if active else None,
+                expected_sha256=sha256,
+            )
+        except CheckpointError:  # altered since its evaluation: never registered, never served
+            shutil.rmtree(final_dir, ignore_errors=True)
+            raise
         assert version.id is not None
         if decision.promote:
             policy = await self._load(str(final_dir), version.id)  # before the switch: a bad load changes nothing
@@ -472,6 +606,7 @@ class ImprovementLoop:
             "active_success": active_success,
             "decision": decision.reason,
             "duration_s": round(duration_s, 1),
+            **gate_metrics,
         }
         return await self.store.update_training_run(
             run.id, status=status, candidate_version_id=version.id, metrics=metrics

@@ -43,7 +43,11 @@ class Settings(BaseSettings):
     beta: float | None = Field(default=None, description="ILQL advantage weight; default: the checkpoint's.")
 
     # --- imagination ---------------------------------------------------------------------------------
-    imagine_backend: Literal["local", "openai", "scripted"] = "local"
+    imagine_backend: Literal["auto", "local", "openai", "scripted"] = Field(
+        default="auto",
+        description="'auto': an LLM server if configured, else scripted simulators for built-in tasks, else the "
+        "local base model (bot.imagination.choose_imagination); or one of them by name.",
+    )
     openai_base_url: str | None = Field(default=None, description="Any OpenAI-compatible server.")
     openai_api_key: SecretStr | None = None
     openai_model: str = "gpt-4o-mini"
@@ -73,7 +77,9 @@ class Settings(BaseSettings):
     improve_steps: int | None = Field(default=None, ge=1, description="Policy steps at most (default: the trainer's).")
     improve_value_steps: int | None = Field(default=None, ge=0, description="ILQL value-stage steps.")
     improve_time_limit_minutes: float = Field(default=120.0, gt=0)
-    improve_eval_episodes: int = Field(default=60, ge=1)
+    improve_eval_episodes: int = Field(
+        default=100, ge=1, description="Episodes per policy in the gate (the same personas for candidate and active)."
+    )
     improve_margin: float = Field(default=0.02, ge=0.0, description="Promote unless worse by more than this.")
     improve_from: Literal["active", "base"] = "active"
     keep_versions: int = Field(default=5, ge=1, description="Policy versions kept for rollback.")

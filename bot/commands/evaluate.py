@@ -115,7 +115,10 @@ def register(app: typer.Typer) -> None:
             None, "--base-model", help="smollm2, tiny or a path (default: settings)."
         ),
         user_backend: str | None = typer.Option(
-            None, "--user-backend", help="LLM users' backend: openai or local (default: IMAGINE_BACKEND)."
+            None,
+            "--user-backend",
+            help="LLM users' backend: openai or local (default: IMAGINE_BACKEND if it names one, else openai "
+            "where a server is configured, else local).",
         ),
         batch_size: int = typer.Option(64, "--batch-size", min=1, help="Episodes per respond_batch call."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda or auto (default: settings)."),
@@ -195,9 +198,10 @@ async def _run(
     batch_size: int,
 ) -> EvaluationReport:
     from bot.context import open_store
+    from bot.imagination import chat_backend
     from learning.evaluation import evaluate_async
 
-    kind = user_backend or settings.imagine_backend
+    kind = user_backend or chat_backend(settings)
     backend = make_user_backend(settings, kind, base_model, seed) if users == "llm" else None
     try:
         options: dict[str, Any] = {

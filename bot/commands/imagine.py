@@ -22,6 +22,8 @@ from storage import Conversation, Platform, Source, Store
 
 console = Console(stderr=True)
 BACKENDS = ("openai", "local", "scripted")
+#: What ``--backend`` accepts: a backend, or ``auto`` (resolved by :func:`bot.imagination.choose_imagination`).
+CHOICES = ("auto", *BACKENDS)
 
 
 def build_backend(
@@ -160,7 +162,11 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", help="Built-in task name or a task .toml file (default: TASK)."),
         n: int = typer.Option(200, "--n", min=1, help="How many dialogues this run should have."),
         backend: str = typer.Option(
-            None, "--backend", help="openai | local | scripted (default: IMAGINE_BACKEND).", show_default=False
+            None,
+            "--backend",
+            help="auto | openai | local | scripted (default: IMAGINE_BACKEND; auto: an LLM server if configured, else "
+            "scripted for built-in tasks, else local).",
+            show_default=False,
         ),
         no_critique: bool = typer.Option(False, "--no-critique", help="Skip the critique-and-revise step."),
         concurrency: int = typer.Option(
@@ -178,14 +184,20 @@ def register(app: typer.Typer) -> None:
         settings = Settings()
         configure_logging(settings.log_level)
         kind = backend or settings.imagine_backend
-        if kind not in BACKENDS:
-            console.print(f"[red]--backend must be one of {', '.join(BACKENDS)}, not {kind!r}[/red]")
+        if kind not in CHOICES:
+            console.print(f"[red]--backend must be one of {', '.join(CHOICES)}, not {kind!r}[/red]")
             raise typer.Exit(code=2)
         try:
             spec = load_task(task or settings.task)
         except TaskSpecError as error:
             console.print(f"[red]{error}[/red]")
             raise typer.Exit(code=2) from error
+        if kind == "auto":
+            from bot.imagination import choose_imagination
+
+            choice = choose_imagination(settings.model_copy(update={"imagine_backend": "auto"}), spec.name)
+            kind = choice.backend
+            console.print(f"imagining with {choice.describe()}")
         if run_id is None:
             # An explicit seed names the run, so the same command resumes; otherwise every run is fresh.
             run_id = f"{spec.name}-seed{seed}" if seed is not None else f"{spec.name}-{time.strftime('%Y%m%dT%H%M%S')}"

@@ -1,0 +1,147 @@
+"""Which source imagines an improvement run's dialogues (``bot.imagination.choose_imagination``): the choice for
+each case, the log line at the start of a run, the run record and ``/status``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bot.events import ChatRef
+from bot.imagination import chat_backend, choose_imagination
+from bot.improve import ImprovementLoop
+from bot.policy_holder import PolicyHolder
+from bot.service import DialogueService
+from bot.settings import Settings
+from imagine.task import TaskSpec, load_task
+from storage import RunStatus, Store
+from tests.test_service import ScriptedPolicy
+
+ADMIN = ChatRef(platform="telegram", chat_id="7", user_id="7")
+TRAVEL_TOML = Path(__file__).resolve().parents[1] / "imagine" / "tasks" / "travel.toml"
+
+
+def _settings(tmp_path: Path, **values: object) -> Settings:
+    defaults: dict[str, object] = {
+        "data_dir": tmp_path,
+        "base_model": "smollm2",
+        "admin_ids": ["telegram:7"],
+        "improve_on_first_start": False,
+        "openai_base_url": None,
+        "openai_api_key": None,
+        "log_level": "WARNING",
+    }
+    return Settings(_env_file=None, **{**defaults, **values})
+
+
+@pytest.fixture
+def custom_task(tmp_path: Path) -> TaskSpec:
+    """A task of the user's own (the travel spec under another name: no scripted simulators)."""
+    path = tmp_path / "gift.toml"
+    path.write_text(TRAVEL_TOML.read_text(encoding="utf-8").replace('name = "travel"', 'name = "gift"', 1))
+    task = load_task(path)
+    assert task.name == "gift"
+    return task
+
+
+def test_default_is_auto() -> None:
+    assert Settings(_env_file=None).imagine_backend == "auto"
+
+
+@pytest.mark.parametrize("task", ["travel", "teaching"])
+def test_built_in_task_without_a_server_imagines_with_its_scripted_simulators(tmp_path: Path, task: str) -> None:
+    choice = choose_imagination(_settings(tmp_path), task)
+    assert choice.backend == "scripted" and choice.warning is None
+    assert "no LLM server configured" in choice.reason and task in choice.reason
+
+
+def test_custom_task_without_a_server_uses_the_bundled_model_with_a_warning(tmp_path: Path) -> None:
+    choice = choose_imagination(_settings(tmp_path), "gift")
+    assert choice.backend == "local" and "custom task 'gift'" in choice.reason
+    assert choice.warning is not None and "weak dialogues" in choice.warning and "OPENAI_BASE_URL" in choice.warning
+    # Another local model than the bundled one: no warning about the bundled one's quality.
+    assert choose_imagination(_settings(tmp_path, base_model="/models/qwen-7b"), "gift").warning is None
+
+
+@pytest.mark.parametrize("task", ["travel", "gift"])
+@pytest.mark.parametrize("server", [{"openai_base_url": "http://127.0.0.1:8000/v1"}, {"openai_api_key": "sk-x"}])
+def test_a_configured_server_imagines_for_every_task(tmp_path: Path, task: str, server: dict[str, str]) -> None:
+    settings = _settings(tmp_path, **server)
+    choice = choose_imagination(settings, task)
+    assert choice.backend == "openai" and "LLM server is configured" in choice.reason and choice.warning is None
+    assert chat_backend(settings) == "openai"
+
+
+def test_an_explicit_backend_is_obeyed(tmp_path: Path) -> None:
+    server = {"openai_base_url": "http://127.0.0.1:8000/v1"}
+    assert choose_imagination(_settings(tmp_path, imagine_backend="local", **server), "travel").backend == "local"
+    assert choose_imagination(_settings(tmp_path, imagine_backend="openai"), "travel").backend == "openai"
+    wrong = choose_imagination(_settings(tmp_path, imagine_backend="scripted"), "gift")
+    assert wrong.backend == "scripted" and wrong.warning and "no scripted simulators" in wrong.warning
+    # LLM-driven users need a chat model, never the scripted source.
+    assert chat_backend(_settings(tmp_path, imagine_backend="scripted")) == "local"
+
+
+async def _run_until_imagination(loop: ImprovementLoop) -> None:
+    """Start a run and stop it as its first step begins (the choice is made and logged before)."""
+
+    def stop(step: str) -> None:
+        raise RuntimeError(f"stopped at {step}")
+
+    loop.on_step = stop
+    run = await loop.run_once(trigger="test")
+    assert run.status == RunStatus.FAILED and "stopped at imagine" in run.error
+
+
+async def test_each_run_logs_and_records_its_choice_and_status_shows_it(
+    sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path)
+    loop = ImprovementLoop(store=sqlite_store, settings=settings, task=load_task("travel"))
+    with caplog.at_level(logging.INFO, logger="bot.improve"):
+        await _run_until_imagination(loop)
+    [line] = [r for r in caplog.records if "imagines" in r.getMessage()]
+    assert line.levelno == logging.INFO and "with scripted (IMAGINE_BACKEND=auto" in line.getMessage()
+    run = await sqlite_store.last_training_run()
+    assert run.config["backend"] == "scripted" and "scripted simulators" in run.config["backend_reason"]
+
+    service = DialogueService(
+        store=sqlite_store, policies=PolicyHolder(ScriptedPolicy()), task=loop.task, settings=settings, improver=loop
+    )
+    status = "\n".join(reply.text for reply in await service.handle_command(ADMIN, "status"))
+    assert "Imagination: scripted (IMAGINE_BACKEND=auto, no LLM server configured, built-in task 'travel'" in status
+    await service.shutdown()
+
+
+async def test_a_custom_task_run_warns_about_the_bundled_model(
+    sqlite_store: Store, tmp_path: Path, custom_task: TaskSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path)
+    loop = ImprovementLoop(store=sqlite_store, settings=settings, task=custom_task)
+    with caplog.at_level(logging.INFO, logger="bot.improve"):
+        await _run_until_imagination(loop)
+    [line] = [r for r in caplog.records if "imagines" in r.getMessage()]
+    assert line.levelno == logging.WARNING and "with local" in line.getMessage()
+    assert "weak dialogues" in line.getMessage()
+    assert (await sqlite_store.last_training_run()).config["backend"] == "local"
+    status = "\n".join(await loop.status_lines())
+    assert "Imagination: local" in status and "Warning: the bundled SmolLM2-135M writes weak dialogues" in status
+
+
+async def test_status_says_when_imagination_is_off(sqlite_store: Store, tmp_path: Path) -> None:
+    loop = ImprovementLoop(
+        store=sqlite_store, settings=_settings(tmp_path, improve_imagined=0), task=load_task("travel")
+    )
+    assert "Imagination: off" in loop.imagination_line()
+
+
+def test_imagine_cli_resolves_auto_to_the_scripted_source(tmp_path: Path) -> None:
+    from bot.cli import app
+
+    env = {"DATA_DIR": str(tmp_path), "DATABASE_URL": "", "OPENAI_BASE_URL": "", "OPENAI_API_KEY": ""}
+    env |= {"IMAGINE_BACKEND": "auto", "LOG_LEVEL": "WARNING"}
+    result = CliRunner().invoke(app, ["imagine", "--task", "travel", "--n", "3", "--seed", "1"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "imagining with scripted" in result.output and "(scripted)" in result.output
