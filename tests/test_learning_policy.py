@@ -182,7 +182,7 @@ def test_cli_train_and_generate(tmp_path: Path, checkpoints: dict[str, Path], sh
     dialogues.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rare_reward_dialogues(10)))
     out = tmp_path / "ckpt"
     args = ["train", "--algo", "fbc", "--base-model", "tiny", "--dialogues", str(dialogues), "--steps", "2"]
-    result = runner.invoke(app, [*args, "--out", str(out), "--quiet"])
+    result = runner.invoke(app, [*args, "--out", str(out), "--quiet", "--no-register"])  # no database here
     assert result.exit_code == 0, result.output
     assert load_manifest(out)["algorithm"] == "fbc" and load_manifest(out)["data"]["dialogues"] == 2
 

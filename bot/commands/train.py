@@ -4,12 +4,17 @@
 instead of the options. Data comes from ``--dialogues FILE.jsonl`` (``DialogueRecord.to_dict()`` lines, as the
 improvement loop writes them) or, without it, from the database (closed, rewarded dialogues of ``--task``). Bad
 data exits with status 1 and a message that says what is wrong.
+
+The checkpoint is registered as a candidate policy version (``reverie policies activate ID`` serves it), unless
+``--no-register`` or ``--job`` (the improvement loop registers its candidates itself, after the gate), and only by
+the main replica of a distributed run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +45,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, help="auto | cpu | cuda (default DEVICE)."),
         time_limit_minutes: float = typer.Option(None, help="Stop and save when this much time has passed."),
         quiet: bool = typer.Option(False, help="No progress bar."),
+        register: bool = typer.Option(
+            True, "--register/--no-register", help="Register the checkpoint as a candidate policy version."
+        ),
         job: Path = typer.Option(
             None,
             help="A job file (bot.jobs.TrainJob, as the improvement loop writes it): its config, dialogues "
@@ -96,6 +104,21 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(code=130) from error
         logging.getLogger(__name__).info("checkpoint written to %s", path)
         typer.echo(str(path))
+        if register and job is None and int(os.environ.get("RANK", "0")) == 0:
+            from bot.commands.policies import add_checkpoint
+
+            try:
+                failed = asyncio.run(add_checkpoint(settings, path, origin="reverie train"))
+            except Exception as error:  # the database: the checkpoint itself is fine
+                from bot import redaction
+
+                console.print(
+                    redaction.redact(f"[red]cannot register the checkpoint: {type(error).__name__}: {error}[/red]")
+                )
+                failed = 1
+            if failed:
+                console.print(f"[yellow]the checkpoint is kept; register it with: reverie policies add {path}[/yellow]")
+                raise typer.Exit(code=1)
 
 
 async def _from_database(settings: Settings, task: str) -> list:
