@@ -1,0 +1,369 @@
+"""The closed loop, measured through the real Telegram path: does the bot get better from its own conversations?
+
+Starting from an empty data directory and no trained policy, every cycle:
+
+1. ``--users`` simulated users with hidden personas (scripted users of the built-in task, fresh seeds each cycle,
+   never the evaluation seeds) chat with the running bot through the fake Telegram Bot API and the real
+   python-telegram-bot adapter; each ends with ``/end good`` or ``/end bad`` by the objective outcome and clicks
+   👍/👎 on some replies (👍 where the reply asked about something the user had not said yet);
+2. the served policy is evaluated on a fixed held-out set of personas (``--eval-episodes``, seed
+   :data:`EVAL_SEED`);
+3. one user of this cycle sends ``/forget``; then one improvement run goes through the same code the scheduler
+   runs (``ImprovementLoop.run_scheduled``: imagine → mix the logged real conversations with fresh imagined ones →
+   train → evaluate → gate → hot-swap), and the bench asserts that the forgotten user's conversations are not in
+   the run's training set;
+4. the next cycle's users meet whatever now serves, without a restart.
+
+Per cycle it reports the users' own success, the held-out success, the gate's decision, the active version and
+the wall time of each step; ``--ablation`` repeats everything with real conversations left out of training
+(``IMPROVE_REAL_RATIO=0``). Results go to ``bench/results/closed_loop-<task>.json`` (``-quick`` with ``--quick``)::
+
+    {"cycles": [{"cycle", "users_success", "eval_success", "promoted", "active_version", "minutes", ...}, ...],
+     "ablation_no_real": {"cycles": [...]}}
+
+and a plot of the learning curve next to it.
+
+    .venv/bin/python bench/closed_loop.py --task travel --cycles 4 --ablation    # SmolLM2: hours on 2 CPU cores
+    .venv/bin/python bench/closed_loop.py --quick                                 # tiny model, a few minutes
+
+This is a skeleton: it runs end to end, but the SmolLM2 numbers the issue targets have not been measured, and
+nothing is appended to BENCHMARKS.md yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+#: Seed of the fixed held-out evaluation personas (users' seeds are ``USERS_SEED_BASE + cycle``, never this).
+EVAL_SEED = 987_654
+USERS_SEED_BASE = 10_000
+USER_ID_BASE = 700_000
+REPLY_TIMEOUT_S = 600.0
+#: Chance that a user clicks 👍/👎 under an agent reply.
+THUMBS_PROBABILITY = 0.3
+
+console = Console(stderr=True)
+
+
+@dataclass
+class CycleResult:
+    """One cycle: the users' conversations, the held-out evaluation, the improvement run after them."""
+
+    cycle: int
+    users_success: float
+    eval_success: float
+    promoted: bool
+    active_version: int | None
+    minutes: float
+    run_status: str | None = None
+    decision: str = ""
+    n_imagined: int = 0
+    n_real: int = 0
+    forgotten_absent: bool | None = None
+    step_minutes: dict[str, float] = field(default_factory=dict)
+
+
+async def _user_conversation(
+    server: Any, task_name: str, persona: dict[str, Any], user_id: int, seed: tuple[Any, ...], max_turns: int
+) -> bool:
+    """One simulated user's whole conversation through the Bot API; returns whether it succeeded."""
+    from imagine.simulated import scripted_task
+
+    scripted = scripted_task(task_name)
+    user = scripted.make_user(persona, seed=seed, max_turns=max_turns)
+    rng = random.Random(repr(seed))
+    await server.send_command(user_id, user_id, "start")
+    agent = await server.next_message(user_id, timeout=REPLY_TIMEOUT_S)
+    asked_before: set[str] = set()
+    while True:
+        asked = set(scripted.asked_attributes(agent["text"]))
+        buttons = [b for row in agent.get("reply_markup", {}).get("inline_keyboard", []) for b in row]
+        if buttons and rng.random() < THUMBS_PROBABILITY:
+            vote = "up" if asked - asked_before else "down"
+            data = next((b["callback_data"] for b in buttons if b.get("callback_data", "").endswith(vote)), None)
+            if data is not None:
+                await server.press_button(user_id, user_id, agent, data)
+        asked_before |= asked
+        turn = user.respond(agent["text"])
+        if turn.done:
+            break
+        await server.send_text(user_id, user_id, turn.text)
+        agent = await server.next_message(user_id, timeout=REPLY_TIMEOUT_S)
+    success = (await user.score()) >= 0.5
+    await server.send_command(user_id, user_id, "end", "good" if success else "bad")
+    await server.next_message(user_id, timeout=REPLY_TIMEOUT_S)
+    return success
+
+
+async def _conversation_ids(store: Any, user_key: str) -> set[int]:
+    from sqlmodel import select
+
+    from storage import Conversation
+
+    async with store.database.session() as session:
+        return set((await session.exec(select(Conversation.id).where(Conversation.user_key == user_key))).all())
+
+
+async def run_arm(args: argparse.Namespace, *, real_ratio: float | None, label: str) -> list[CycleResult]:
+    """All cycles of one arm in a fresh data directory; ``real_ratio`` overrides ``IMPROVE_REAL_RATIO``."""
+    from bot.adapters.telegram import run_telegram
+    from bot.improve import ImprovementLoop, make_improvement_hook
+    from bot.server import open_runtime
+    from bot.settings import Settings
+    from imagine.simulated import scripted_task
+    from imagine.task import load_task
+    from learning.evaluation import evaluate_async
+    from tests.fakes.telegram_api import FakeTelegramServer
+
+    task = load_task(args.task)
+    scripted_task(args.task)  # fails early for a task without scripted users
+    results: list[CycleResult] = []
+    with tempfile.TemporaryDirectory(prefix=f"reverie-closed-loop-{label}-") as tmp:
+        async with FakeTelegramServer() as server:
+            values: dict[str, Any] = {
+                "data_dir": Path(tmp),
+                "task": args.task,
+                "base_model": args.base_model,
+                "imagine_backend": "auto",
+                "openai_base_url": None,
+                "openai_api_key": None,
+                "telegram_token": server.token,
+                "telegram_base_url": server.base_url,
+                "improve_enabled": False,  # no cron: the bench calls the scheduled job itself, once per cycle
+                "improve_on_first_start": False,
+                "log_level": "WARNING",
+            }
+            if real_ratio is not None:
+                values["improve_real_ratio"] = real_ratio
+            if args.model_cache_dir:
+                values["model_cache_dir"] = args.model_cache_dir
+            values.update(args.overrides)
+            settings = Settings(_env_file=None, **values)
+            async with open_runtime(settings, improver_hook=make_improvement_hook(sync_interval_s=3600)) as runtime:
+                loop = runtime.service.improver
+                assert isinstance(loop, ImprovementLoop)
+                console.print(f"[{label}] imagination: {loop.imagination().describe()}")
+                stop = asyncio.Event()
+                polling = asyncio.create_task(run_telegram(runtime.service, settings, stop, poll_timeout_s=5))
+                try:
+                    await server.wait_for_call("getUpdates", timeout=120)
+                    for cycle in range(args.cycles):
+                        results.append(await _cycle(args, cycle, label, server, runtime, loop, task, evaluate_async))
+                        _print_cycle(results[-1], label)
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(polling, 120)
+    return results
+
+
+async def _cycle(
+    args: argparse.Namespace, cycle: int, label: str, server: Any, runtime: Any, loop: Any, task: Any, evaluate: Any
+) -> CycleResult:
+    from imagine.simulated import scripted_task
+
+    started = time.perf_counter()
+    steps: dict[str, float] = {}
+    personas = scripted_task(args.task).sample_personas(args.users, USERS_SEED_BASE + cycle)
+    ids = [USER_ID_BASE + 1000 * cycle + i for i in range(args.users)]
+    clock = time.perf_counter()
+    semaphore = asyncio.Semaphore(args.concurrency)
+
+    async def one(index: int) -> bool:
+        async with semaphore:
+            seed = ("closed-loop", label, cycle, index)
+            return await _user_conversation(server, args.task, personas[index], ids[index], seed, task.max_turns)
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(args.users)))
+    steps["users"] = (time.perf_counter() - clock) / 60
+
+    clock = time.perf_counter()
+    with runtime.policies.current() as policy:
+        report = await evaluate(
+            [policy], task, users="scripted", episodes=args.eval_episodes, seed=EVAL_SEED, progress=False
+        )
+    eval_success = report.results[0].success_rate
+    steps["eval"] = (time.perf_counter() - clock) / 60
+
+    # One user of this cycle asks to be forgotten before the run: none of their words may be trained on.
+    forgetter = f"telegram:{ids[0]}"
+    forgotten = await _conversation_ids(runtime.store, forgetter)
+    await server.send_command(ids[0], ids[0], "forget")
+    await server.next_message(ids[0], timeout=REPLY_TIMEOUT_S)
+    trained_ids: set[int] = set()
+
+    def on_step(step: str) -> None:
+        if step == "train":
+            for path in (runtime.settings.data_dir / "runs").glob("run-*/dialogues.jsonl"):
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(line)
+                    if record.get("source") == "real" and record.get("id") is not None:
+                        trained_ids.add(int(record["id"]))
+
+    loop.on_step = on_step
+    clock = time.perf_counter()
+    await loop.run_scheduled()  # what the scheduler runs
+    steps["improve"] = (time.perf_counter() - clock) / 60
+    run = await runtime.store.last_training_run()
+    forgotten_absent = not (forgotten & trained_ids)
+    if not forgotten_absent:
+        raise AssertionError(
+            f"cycle {cycle}: the run trained on conversations of {forgetter}, who asked to be forgotten"
+        )
+    return CycleResult(
+        cycle=cycle,
+        users_success=sum(outcomes) / len(outcomes),
+        eval_success=eval_success,
+        promoted=run is not None and run.status == "succeeded",
+        active_version=runtime.policies.version_id,
+        minutes=(time.perf_counter() - started) / 60,
+        run_status=run.status if run else None,
+        decision=(run.metrics or {}).get("decision", "") if run else "",
+        n_imagined=run.n_imagined if run else 0,
+        n_real=run.n_real if run else 0,
+        forgotten_absent=forgotten_absent,
+        step_minutes={k: round(v, 2) for k, v in steps.items()},
+    )
+
+
+def _print_cycle(result: CycleResult, label: str) -> None:
+    console.print(
+        f"[{label}] cycle {result.cycle}: users {result.users_success:.0%}, held-out {result.eval_success:.0%}, "
+        f"run {result.run_status} ({result.n_imagined} imagined + {result.n_real} real), active version "
+        f"{result.active_version}, {result.minutes:.1f} min {result.step_minutes}"
+    )
+
+
+def table(cycles: list[CycleResult], title: str) -> Table:
+    """The cycles as a rich table."""
+    out = Table(title=title)
+    for column in ("cycle", "users", "held-out", "run", "active", "minutes", "decision"):
+        out.add_column(column)
+    for c in cycles:
+        out.add_row(
+            str(c.cycle),
+            f"{c.users_success:.0%}",
+            f"{c.eval_success:.0%}",
+            str(c.run_status),
+            str(c.active_version),
+            f"{c.minutes:.1f}",
+            c.decision[:80],
+        )
+    return out
+
+
+def plot(summary: dict[str, Any], path: Path, task: str) -> None:
+    """The learning curve: users' and held-out success per cycle, with the ablation dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    arms = [("with real", summary["cycles"], "-")]
+    if summary.get("ablation_no_real"):
+        arms.append(("no real (ablation)", summary["ablation_no_real"]["cycles"], "--"))
+    for name, cycles, style in arms:
+        x = [c["cycle"] for c in cycles]
+        axis.plot(x, [c["users_success"] for c in cycles], style, marker="o", label=f"users, {name}")
+        axis.plot(x, [c["eval_success"] for c in cycles], style, marker="s", label=f"held-out, {name}")
+    axis.set_xlabel("cycle (0 = prompted base model)")
+    axis.set_ylabel("success rate")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"Closed loop through Telegram: {task}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+QUICK = {
+    "improve_imagined": 16,
+    "improve_steps": 4,
+    "improve_value_steps": 10,
+    "improve_eval_episodes": 8,
+    "max_new_tokens": 8,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` is the tiny model with small counts."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="travel", choices=["travel", "teaching"])
+    parser.add_argument("--cycles", type=int, default=4, help="Cycles, the first one on the prompted base model.")
+    parser.add_argument("--users", type=int, default=24, help="Simulated users per cycle.")
+    parser.add_argument("--concurrency", type=int, default=8, help="Users chatting at once.")
+    parser.add_argument("--eval-episodes", type=int, default=100, help="Held-out episodes per cycle.")
+    parser.add_argument("--base-model", default="smollm2")
+    parser.add_argument("--model-cache-dir", default=None)
+    parser.add_argument("--ablation", action="store_true", help="Repeat with real conversations left out (ratio 0).")
+    parser.add_argument("--quick", action="store_true", help="Tiny model, 2 cycles of 6 users: checks the plumbing.")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.overrides = {}
+    if args.quick:
+        args.base_model, args.cycles, args.users, args.eval_episodes = "tiny", 2, 6, 8
+        args.overrides = dict(QUICK)
+    return args
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    """Both arms; the summary JSON's content."""
+    summary: dict[str, Any] = {
+        "task": args.task,
+        "base_model": args.base_model,
+        "users_per_cycle": args.users,
+        "eval_episodes": args.eval_episodes,
+        "quick": args.quick,
+        "cycles": [asdict(c) for c in await run_arm(args, real_ratio=None, label="real")],
+        "ablation_no_real": None,
+    }
+    if args.ablation:
+        summary["ablation_no_real"] = {
+            "cycles": [asdict(c) for c in await run_arm(args, real_ratio=0.0, label="no-real")]
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench, print the table, write the JSON summary and the plot."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    summary = asyncio.run(main_async(args))
+    suffix = "-quick" if args.quick else ""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.out_dir / f"closed_loop-{args.task}{suffix}.json"
+    json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(summary, json_path.with_suffix(".png"), args.task)
+    console.print(table([CycleResult(**c) for c in summary["cycles"]], f"closed loop: {args.task}"))
+    if summary["ablation_no_real"]:
+        ablation = [CycleResult(**c) for c in summary["ablation_no_real"]["cycles"]]
+        console.print(table(ablation, f"closed loop: {args.task}, no real conversations"))
+    console.print(f"summary: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
