@@ -61,12 +61,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--task", default="travel", choices=("travel", "teaching"))
     parser.add_argument("--quick", action="store_true", help="tiny model, few dialogues and steps (pipeline check)")
     parser.add_argument("--base-model", default=None, help="default: smollm2 (tiny with --quick)")
-    parser.add_argument("--dialogues", type=int, default=None, help="training dialogues (default 1200; quick 120)")
+    parser.add_argument("--dialogues", type=int, default=None, help="training dialogues (default 3600; quick 120)")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per policy (200; quick 24)")
     parser.add_argument("--bc-steps", type=int, default=None, help="BC/FBC steps at most (early stopping)")
     parser.add_argument("--awr-steps", type=int, default=None, help="critic-awr actor steps after BC")
     parser.add_argument("--critic-steps", type=int, default=None)
     parser.add_argument("--value-steps", type=int, default=None, help="token-level ILQL value steps")
+    parser.add_argument("--upper-layers", type=int, default=None, help="LoRA layers (trainer default)")
+    parser.add_argument("--lr", type=float, default=None, help="peak LoRA learning rate (trainer default)")
+    parser.add_argument("--probe-states", type=int, default=None, help="held-out probe states (trainer default)")
     parser.add_argument("--policies", default="base,bc,fbc,ilql-token,critic-awr,careful", help="comma-separated")
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
     parser.add_argument("--eval-batch", type=int, default=100, help="episodes decoded together")
@@ -75,6 +78,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench" / "rl_vs_bc")
     parser.add_argument("--skip-existing", action="store_true", help="reuse checkpoints found in --work-dir")
     parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=EVALUATION_SEED,
+        help="persona seed of the evaluation; use another one (e.g. 2000) while developing, so that choices are "
+        "never tuned on the reported personas (a run with another seed never writes the summary)",
+    )
     return parser.parse_args()
 
 
@@ -87,7 +97,7 @@ def main() -> None:
     device = resolve_device(args.device)
     quick = args.quick
     base_model = args.base_model or ("tiny" if quick else "smollm2")
-    n_dialogues = args.dialogues or (120 if quick else 1200)
+    n_dialogues = args.dialogues or (120 if quick else 3600)
     episodes = args.episodes or (24 if quick else 200)
     task = load_task(args.task)
     work = args.work_dir / f"{args.task}-{'quick' if quick else base_model}"
@@ -106,6 +116,12 @@ def main() -> None:
         "device": device,
         "feature_cache_dir": str(work / "features"),
     }
+    if args.upper_layers is not None:
+        common["upper_layers"] = args.upper_layers
+    if args.lr is not None:
+        common["lr"] = args.lr
+    if args.probe_states is not None:
+        common["probe_states"] = args.probe_states
     if quick:
         common.update(upper_layers=1, batch_size=4, eval_every=10, lr=2e-2)
     bc_steps = args.bc_steps or (30 if quick else 400)
@@ -163,7 +179,7 @@ def main() -> None:
         policies.append(careful)
     started = time.monotonic()
     report = evaluate(
-        policies, task, users="scripted", episodes=episodes, seed=EVALUATION_SEED, batch_size=args.eval_batch
+        policies, task, users="scripted", episodes=episodes, seed=args.eval_seed, batch_size=args.eval_batch
     )
     eval_minutes = (time.monotonic() - started) / 60
     for policy in policies:
@@ -200,7 +216,7 @@ def main() -> None:
         },
     }
     console.print_json(json.dumps(summary))
-    if quick or args.no_append:
+    if quick or args.no_append or args.eval_seed != EVALUATION_SEED:
         return
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)

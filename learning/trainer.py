@@ -95,8 +95,10 @@ class TrainConfig:
     batch_size: int = 16
     #: Micro-batches accumulated per optimizer step.
     grad_accum: int = 1
-    #: Peak learning rate of the LoRA adapter (after warm-up; cosine decay to a tenth).
-    lr: float = 1e-3
+    #: Peak learning rate of the LoRA adapter (after warm-up; cosine decay to a tenth). Measured on travel (3600
+    #: dialogues, 400 steps): at 1e-3 greedy replies at held-out full-knowledge states fit 53 % (the answers →
+    #: activity mapping not learned); at 3e-3 they fit 91 %, held-out NLL 0.514 → 0.492.
+    lr: float = 3e-3
     #: Fraction of the steps spent warming the learning rate up linearly.
     warmup: float = 0.05
     #: ILQL value heads' learning rate.
