@@ -46,6 +46,7 @@ from imagine.task import load_task  # noqa: E402
 from learning.devices import resolve_device  # noqa: E402
 from learning.evaluation import EvaluationReport, PolicyResult, evaluate, paired_difference  # noqa: E402
 from learning.ilql import ILQLConfig  # noqa: E402
+from learning.interface import DEFAULT_TEMPERATURE  # noqa: E402
 from learning.policy import load_policy  # noqa: E402
 from learning.report import write_report  # noqa: E402
 from learning.trainer import DEFAULT_ALGORITHM, TrainConfig, train  # noqa: E402
@@ -70,6 +71,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--upper-layers", type=int, default=None, help="LoRA layers (trainer default)")
     parser.add_argument("--lr", type=float, default=None, help="peak LoRA learning rate (trainer default)")
     parser.add_argument("--probe-states", type=int, default=None, help="held-out probe states (trainer default)")
+    parser.add_argument(
+        "--sampled-temperature",
+        type=float,
+        default=0.7,
+        help="also evaluate BC sampled at this temperature (the imitation check; 0: skip)",
+    )
     parser.add_argument("--policies", default="base,bc,fbc,ilql-token,critic-awr,careful", help="comma-separated")
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
     parser.add_argument("--eval-batch", type=int, default=100, help="episodes decoded together")
@@ -173,6 +180,18 @@ def main() -> None:
             policy = load_policy(checkpoints[name], task=task, base_model=base_model, max_new_tokens=40, device=device)
             policy.name = name
             policies.append(policy)
+    if "bc" in wanted and "bc" in checkpoints and args.sampled_temperature > 0:
+        # imitation check: sampled, BC should reproduce the data's own success; every other row decodes greedily
+        sampled = load_policy(
+            checkpoints["bc"],
+            task=task,
+            base_model=base_model,
+            max_new_tokens=40,
+            device=device,
+            temperature=args.sampled_temperature,
+        )
+        sampled.name = f"bc T={args.sampled_temperature:g}"
+        policies.append(sampled)
     if "careful" in wanted:
         careful = BehaviourPolicy(args.task, "careful")
         careful.name = "careful"
@@ -299,7 +318,9 @@ def append_markdown(
         f"({'quiet: nothing else ran' if load < args.threads + 0.5 else 'NOT quiet: other work shared the CPU'}). "
         f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success:.1%}). Evaluation: {episodes} "
         f"episodes on held-out personas and paraphrases (seed {EVALUATION_SEED}; {personas} distinct personas), "
-        "every conversation opened by the task's opening line as in training and serving. Paired differences in "
+        "every conversation opened by the task's opening line as in training and serving; every policy decodes as "
+        f"the bot serves it (temperature {DEFAULT_TEMPERATURE:g}, 40 new tokens) except the sampled BC row, the "
+        "imitation check. Paired differences in "
         "points of success with 95 % intervals; 'default vs it' is the default policy minus that row's.",
         "",
         "| policy | success | 95% interval | agent turns | vs BC | vs FBC | default vs it | train min |",

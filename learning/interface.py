@@ -12,10 +12,13 @@ from typing import Literal, Protocol, runtime_checkable
 
 Speaker = Literal["user", "agent"]
 
-#: How every policy samples a reply unless told otherwise (decoding, ``load_policy``, the bot's settings): at
-#: most this many new tokens, this temperature, from the top-k tokens.
+#: How every policy decodes a reply unless told otherwise (decoding, ``load_policy``, the bot's settings): at
+#: most this many new tokens, this temperature (0: greedy), from the top-k tokens. Greedy because the agent is
+#: goal-directed: on travel (development personas, 100 episodes) the critic-awr policy succeeded 93 % greedy,
+#: 84 % at 0.3 and 66 % at 0.7 — sampling adds repeated questions and wrong guesses the policy itself ranks
+#: below its best reply. Imagination samples with its own temperatures.
 DEFAULT_MAX_NEW_TOKENS = 96
-DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TEMPERATURE = 0.0
 DEFAULT_TOP_K = 20
 
 
