@@ -17,23 +17,11 @@ from imagine.task import load_task
 from learning.checkpoint import save_checkpoint, verify_checkpoint
 from learning.evaluation import EpisodeResult, EvaluationReport, PolicyResult
 from storage import PolicyStatus, RunStatus, Store
+from tests.offline_settings import offline_settings
 from tests.test_service import ScriptedPolicy
 
 TASK = load_task("travel")
 ADMIN = ChatRef(platform="telegram", chat_id="7", user_id="7")
-
-
-def _settings(tmp_path: Path, **values: object) -> Settings:
-    defaults: dict[str, object] = {
-        "data_dir": tmp_path,
-        "base_model": "tiny",
-        "admin_ids": ["telegram:7"],
-        "improve_on_first_start": False,
-        "openai_base_url": None,
-        "openai_api_key": None,
-        "log_level": "WARNING",
-    }
-    return Settings(_env_file=None, **{**defaults, **values})
 
 
 def _result(name: str, successes: list[bool]) -> PolicyResult:
@@ -109,7 +97,7 @@ def _checkpoint(path: Path) -> Path:
 async def test_significantly_worse_candidate_is_rejected_and_status_shows_the_interval(
     sqlite_store: Store, tmp_path: Path
 ) -> None:
-    settings = _settings(tmp_path, improve_margin=1.0)  # the margin alone would promote anything
+    settings = offline_settings(tmp_path, improve_margin=1.0)  # the margin alone would promote anything
     loop = ImprovementLoop(store=sqlite_store, settings=settings, task=TASK)
     inputs = _gate_inputs(_report(tmp_path / "report.json", [True] * 40 + [False] * 60, [True] * 60 + [False] * 40))
     run = await sqlite_store.start_training_run(trigger="test")
@@ -142,7 +130,7 @@ async def test_significantly_worse_candidate_is_rejected_and_status_shows_the_in
 
 
 async def test_a_candidate_altered_after_its_evaluation_is_not_registered(sqlite_store: Store, tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    settings = offline_settings(tmp_path)
     loop = ImprovementLoop(store=sqlite_store, settings=settings, task=TASK)
     run = await sqlite_store.start_training_run(trigger="test")
     candidate = _checkpoint(tmp_path / "runs" / "run-1" / "candidate")

@@ -17,6 +17,7 @@ from bot.service import DialogueService
 from bot.settings import Settings
 from imagine.task import TaskSpec, load_task
 from storage import RunStatus, Store
+from tests.offline_settings import offline_settings
 from tests.test_service import ScriptedPolicy
 
 ADMIN = ChatRef(platform="telegram", chat_id="7", user_id="7")
@@ -24,16 +25,7 @@ TRAVEL_TOML = Path(__file__).resolve().parents[1] / "imagine" / "tasks" / "trave
 
 
 def _settings(tmp_path: Path, **values: object) -> Settings:
-    defaults: dict[str, object] = {
-        "data_dir": tmp_path,
-        "base_model": "smollm2",
-        "admin_ids": ["telegram:7"],
-        "improve_on_first_start": False,
-        "openai_base_url": None,
-        "openai_api_key": None,
-        "log_level": "WARNING",
-    }
-    return Settings(_env_file=None, **{**defaults, **values})
+    return offline_settings(tmp_path, **{"base_model": "smollm2", **values})
 
 
 @pytest.fixture
