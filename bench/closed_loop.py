@@ -12,7 +12,8 @@ Starting from an empty data directory and no trained policy, every cycle:
    runs (``ImprovementLoop.run_scheduled``: imagine → mix the logged real conversations with fresh imagined ones →
    train → evaluate → gate → hot-swap), and the bench asserts that the forgotten user's conversations are not in
    the run's training set;
-4. the next cycle's users meet whatever now serves, without a restart.
+4. the next cycle's users meet whatever now serves, without a restart. The last cycle only measures (nobody
+   would meet what a run after it trains).
 
 Per cycle it reports the users' own success, the held-out success, the gate's decision, the active version and
 the wall time of each step; ``--ablation`` repeats everything with real conversations left out of training
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -41,6 +43,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,8 +130,15 @@ async def _conversation_ids(store: Any, user_key: str) -> set[int]:
         return set((await session.exec(select(Conversation.id).where(Conversation.user_key == user_key))).all())
 
 
-async def run_arm(args: argparse.Namespace, *, real_ratio: float | None, label: str) -> list[CycleResult]:
-    """All cycles of one arm in a fresh data directory; ``real_ratio`` overrides ``IMPROVE_REAL_RATIO``."""
+async def run_arm(
+    args: argparse.Namespace,
+    *,
+    real_ratio: float | None,
+    label: str,
+    on_cycle: Callable[[list[CycleResult]], None] = lambda cycles: None,
+) -> list[CycleResult]:
+    """All cycles of one arm in a fresh data directory; ``real_ratio`` overrides ``IMPROVE_REAL_RATIO``;
+    ``on_cycle`` sees the cycles so far after each one (the bench saves them: a long run stopped early keeps them)."""
     from bot.adapters.telegram import run_telegram
     from bot.improve import ImprovementLoop, make_improvement_hook
     from bot.server import open_runtime
@@ -173,6 +183,7 @@ async def run_arm(args: argparse.Namespace, *, real_ratio: float | None, label: 
                     for cycle in range(args.cycles):
                         results.append(await _cycle(args, cycle, label, server, runtime, loop, task, evaluate_async))
                         _print_cycle(results[-1], label)
+                        on_cycle(results)
                 finally:
                     stop.set()
                     await asyncio.wait_for(polling, 120)
@@ -207,14 +218,28 @@ async def _cycle(
     eval_success = report.results[0].success_rate
     steps["eval"] = (time.perf_counter() - clock) / 60
 
+    users_success = sum(outcomes) / len(outcomes)
+    if cycle == args.cycles - 1:  # nobody would meet what a last run trains: measure, don't improve
+        return CycleResult(
+            cycle=cycle,
+            users_success=users_success,
+            eval_success=eval_success,
+            promoted=False,
+            active_version=runtime.policies.version_id,
+            minutes=(time.perf_counter() - started) / 60,
+            step_minutes={k: round(v, 2) for k, v in steps.items()},
+        )
+
     # One user of this cycle asks to be forgotten before the run: none of their words may be trained on.
     forgetter = f"telegram:{ids[0]}"
     forgotten = await _conversation_ids(runtime.store, forgetter)
     await server.send_command(ids[0], ids[0], "forget")
     await server.next_message(ids[0], timeout=REPLY_TIMEOUT_S)
     trained_ids: set[int] = set()
+    step_started: dict[str, float] = {}
 
     def on_step(step: str) -> None:
+        step_started[step] = time.perf_counter()
         if step == "train":
             for path in (runtime.settings.data_dir / "runs").glob("run-*/dialogues.jsonl"):
                 for line in path.read_text(encoding="utf-8").splitlines():
@@ -225,7 +250,12 @@ async def _cycle(
     loop.on_step = on_step
     clock = time.perf_counter()
     await loop.run_scheduled()  # what the scheduler runs
-    steps["improve"] = (time.perf_counter() - clock) / 60
+    finished = time.perf_counter()
+    steps["improve"] = (finished - clock) / 60
+    # The run's own steps (imagine, select, train, evaluate, gate), each until the next one started.
+    marks = [*sorted(step_started.items(), key=lambda item: item[1]), ("end", finished)]
+    for (name, begin), (_, end) in itertools.pairwise(marks):
+        steps[f"improve.{name}"] = (end - begin) / 60
     run = await runtime.store.last_training_run()
     forgotten_absent = not (forgotten & trained_ids)
     if not forgotten_absent:
@@ -234,7 +264,7 @@ async def _cycle(
         )
     return CycleResult(
         cycle=cycle,
-        users_success=sum(outcomes) / len(outcomes),
+        users_success=users_success,
         eval_success=eval_success,
         promoted=run is not None and run.status == "succeeded",
         active_version=runtime.policies.version_id,
@@ -329,21 +359,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def summary_path(args: argparse.Namespace) -> Path:
+    """Where the JSON summary goes (``-quick`` for the plumbing check)."""
+    return args.out_dir / f"closed_loop-{args.task}{'-quick' if args.quick else ''}.json"
+
+
+def save(summary: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Write the summary JSON and its plot; returns the JSON's path."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = summary_path(args)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(summary, path.with_suffix(".png"), args.task)
+    return path
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    """Both arms; the summary JSON's content."""
+    """Both arms; the summary JSON's content, saved after every cycle (``"complete": false`` until the end)."""
     summary: dict[str, Any] = {
         "task": args.task,
         "base_model": args.base_model,
         "users_per_cycle": args.users,
         "eval_episodes": args.eval_episodes,
         "quick": args.quick,
-        "cycles": [asdict(c) for c in await run_arm(args, real_ratio=None, label="real")],
+        "complete": False,
+        "cycles": [],
         "ablation_no_real": None,
     }
+
+    def saver(key: str) -> Callable[[list[CycleResult]], None]:
+        def on_cycle(cycles: list[CycleResult]) -> None:
+            rows = [asdict(c) for c in cycles]
+            if key == "cycles":
+                summary["cycles"] = rows
+            else:
+                summary["ablation_no_real"] = {"cycles": rows}
+            save(summary, args)
+
+        return on_cycle
+
+    await run_arm(args, real_ratio=None, label="real", on_cycle=saver("cycles"))
     if args.ablation:
-        summary["ablation_no_real"] = {
-            "cycles": [asdict(c) for c in await run_arm(args, real_ratio=0.0, label="no-real")]
-        }
+        await run_arm(args, real_ratio=0.0, label="no-real", on_cycle=saver("ablation"))
+    summary["complete"] = True
     return summary
 
 
@@ -352,11 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     summary = asyncio.run(main_async(args))
-    suffix = "-quick" if args.quick else ""
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.out_dir / f"closed_loop-{args.task}{suffix}.json"
-    json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot(summary, json_path.with_suffix(".png"), args.task)
+    json_path = save(summary, args)
     console.print(table([CycleResult(**c) for c in summary["cycles"]], f"closed loop: {args.task}"))
     if summary["ablation_no_real"]:
         ablation = [CycleResult(**c) for c in summary["ablation_no_real"]["cycles"]]

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 #: A concrete imagination source (``auto`` resolved).
 ImagineBackend = Literal["openai", "local", "scripted"]
 
+#: Fresh dialogues per improvement run when ``IMPROVE_IMAGINED`` is unset, by source: the scripted simulators write
+#: thousands a minute and imitation needs thousands (travel: 3600 dialogues → critic-awr 94.5 %, BENCHMARKS.md);
+#: an LLM writes one every few seconds (a server) to a minute (the bundled model on 2 cores).
+IMAGINED_PER_RUN: dict[str, int] = {"scripted": 2400, "openai": 60, "local": 60}
+
 #: The configured name of the bundled base model (``learning.base_model.BUNDLED_NAME``, not imported: torch).
 _BUNDLED = "smollm2"
 
@@ -86,6 +91,14 @@ def choose_imagination(settings: Settings, task: str) -> ImaginationChoice:
         "on this machine",
         _local_warning(settings),
     )
+
+
+def imagined_per_run(settings: Settings, choice: ImaginationChoice) -> int:
+    """Fresh imagined dialogues per improvement run: ``IMPROVE_IMAGINED`` when set, else the source's default
+    (:data:`IMAGINED_PER_RUN`)."""
+    if settings.improve_imagined is not None:
+        return settings.improve_imagined
+    return IMAGINED_PER_RUN[choice.backend]
 
 
 def chat_backend(settings: Settings) -> Literal["openai", "local"]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import redaction
 from bot.forgetting import RUN_INPUT, purge_forgotten
-from bot.imagination import ImaginationChoice, choose_imagination
+from bot.imagination import ImaginationChoice, choose_imagination, imagined_per_run
 from bot.jobs import EvalJob, TrainJob, train_config, write_job
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
@@ -298,11 +298,16 @@ class ImprovementLoop:
         """The imagination source of this loop's runs, and why (:func:`bot.imagination.choose_imagination`)."""
         return choose_imagination(self.settings, self.task.name)
 
+    def imagined_per_run(self) -> int:
+        """Fresh imagined dialogues per run (``IMPROVE_IMAGINED``, else the source's default)."""
+        return imagined_per_run(self.settings, self.imagination())
+
     def imagination_line(self) -> str:
         """The ``/status`` line about imagination."""
-        if self.settings.improve_imagined <= 0:
+        count = self.imagined_per_run()
+        if count <= 0:
             return "Imagination: off (IMPROVE_IMAGINED=0): runs train on stored dialogues only"
-        return f"Imagination: {self.imagination().describe()}"
+        return f"Imagination: {count} dialogues per run from {self.imagination().describe()}"
 
     async def sync_active(self) -> bool:
         """Serve what the database says is active (a CLI ``activate``, another replica's promotion).
@@ -382,12 +387,14 @@ class ImprovementLoop:
         settings = self.settings
         try:
             imagination = self.imagination()
+            imagined = imagined_per_run(settings, imagination)
             config = {
                 "task": self.task.name,
                 "algo": settings.improve_algo,
                 "steps": settings.improve_steps,
                 "value_steps": settings.improve_value_steps,
-                "imagined": settings.improve_imagined,
+                "imagined": imagined,
+                "imagined_pool": settings.improve_imagined_pool,
                 "backend": imagination.backend,
                 "backend_reason": imagination.reason,
                 "real_ratio": settings.improve_real_ratio,
@@ -397,18 +404,18 @@ class ImprovementLoop:
                 "base_model": settings.base_model,
             }
             run = await self.store.start_training_run(trigger=trigger, config=config)
-            if settings.improve_imagined > 0:
+            if imagined > 0:
                 logger.log(
                     logging.WARNING if imagination.warning else logging.INFO,
                     "improvement run %s imagines %d dialogues with %s",
                     run.id,
-                    settings.improve_imagined,
+                    imagined,
                     imagination.describe(),
                 )
             run_dir = settings.data_dir / "runs" / f"run-{run.id}"
             candidate_dir = run_dir / "candidate"
             try:
-                return await self._steps(run, run_dir, candidate_dir, imagination.backend)
+                return await self._steps(run, run_dir, candidate_dir, imagination.backend, imagined)
             except asyncio.CancelledError:
                 await asyncio.shield(
                     self.store.update_training_run(run.id, status=RunStatus.CANCELLED, error="cancelled")
@@ -424,7 +431,9 @@ class ImprovementLoop:
         finally:
             await self.lock.release()
 
-    async def _steps(self, run: TrainingRun, run_dir: Path, candidate_dir: Path, backend: str) -> TrainingRun:
+    async def _steps(
+        self, run: TrainingRun, run_dir: Path, candidate_dir: Path, backend: str, imagined: int
+    ) -> TrainingRun:
         deadline = time.monotonic() + self.settings.improve_time_limit_minutes * 60
         started = time.monotonic()
 
@@ -432,8 +441,8 @@ class ImprovementLoop:
             return max(1.0, deadline - time.monotonic())
 
         self.on_step("imagine")
-        if self.settings.improve_imagined > 0:
-            await self._imagine(run, run_dir, backend, remaining())
+        if imagined > 0:
+            await self._imagine(run, run_dir, backend, imagined, remaining())
 
         self.on_step("select")
         dialogues_path, run, real_ids = await self._select(run, run_dir)
@@ -460,18 +469,21 @@ class ImprovementLoop:
             trained_on=real_ids,
         )
 
-    async def _imagine(self, run: TrainingRun, run_dir: Path, backend: str, time_limit_s: float) -> None:
-        """Fresh imagined dialogues of the task from ``backend``; they land in the database as
+    async def _imagine(self, run: TrainingRun, run_dir: Path, backend: str, count: int, time_limit_s: float) -> None:
+        """``count`` fresh imagined dialogues of the task from ``backend``; they land in the database as
         ``source="imagined"``."""
         s = self.settings
-        command = _flags("imagine", task=self.task.name, n=s.improve_imagined, backend=backend, seed=run.id)
+        command = _flags("imagine", task=self.task.name, n=count, backend=backend, seed=run.id)
         await _step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
-        """Imagined dialogues of the task plus real ones rewarded since the last run, as JSONL for the trainer;
-        also the ids of the real ones, which the promotion checks against ``/forget``."""
+        """The newest ``IMPROVE_IMAGINED_POOL`` imagined dialogues of the task plus real ones rewarded since the last
+        run, as JSONL for the trainer; also the ids of the real ones, which the promotion checks against
+        ``/forget``."""
         since = await self.store.last_successful_run_time()
-        imagined = await self.store.dialogues_for_training(sources=[Source.IMAGINED], task=self.task.name)
+        imagined = await self.store.dialogues_for_training(
+            sources=[Source.IMAGINED], task=self.task.name, limit=self.settings.improve_imagined_pool, newest=True
+        )
         real = await self.store.dialogues_for_training(sources=[Source.REAL], task=self.task.name, since=since)
         if not imagined and not real:
             raise StepFailedError("no training dialogues: imagination produced none and no real ones are rated")

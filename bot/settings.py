@@ -71,7 +71,14 @@ class Settings(BaseSettings):
     improve_enabled: bool = True
     improve_cron: str = Field(default="0 3 * * *", description="Cron expression (UTC) for improvement runs.")
     improve_on_first_start: bool = True
-    improve_imagined: int = Field(default=60, ge=0, description="Fresh imagined dialogues per run.")
+    improve_imagined: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fresh imagined dialogues per run (None: by source, bot.imagination.default_imagined_per_run).",
+    )
+    improve_imagined_pool: int = Field(
+        default=4800, ge=1, description="Imagined dialogues a run trains on at most: the newest (bounds training time)."
+    )
     improve_real_ratio: float = Field(default=0.3, ge=0.0, le=1.0)
     improve_algo: Algorithm = DEFAULT_ALGORITHM
     improve_steps: int | None = Field(default=None, ge=1, description="Policy steps at most (default: the trainer's).")
@@ -97,6 +104,7 @@ class Settings(BaseSettings):
         "model_cache_dir",
         "beta",
         "improve_value_steps",
+        "improve_imagined",
         mode="before",
     )
     @classmethod

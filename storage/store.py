@@ -471,10 +471,12 @@ class Store:
         since: datetime | None = None,
         with_reward: bool = True,
         limit: int | None = None,
+        newest: bool = False,
         ids: Sequence[int] | None = None,
     ) -> list[DialogueRecord]:
         """Closed, consented dialogues with their turns and per-turn thumbs, oldest first.
 
+        ``limit`` keeps the oldest that many, or the newest with ``newest=True`` (still returned oldest first).
         Evaluation episodes are never training data unless asked for by source explicitly.
         """
         async with self.database.session() as session:
@@ -493,10 +495,12 @@ class Store:
                 query = query.where(col(Conversation.id).in_(list(ids)))
             deleted_users = select(DataDeletion.user_key)
             query = query.where((Conversation.user_key == "") | col(Conversation.user_key).not_in(deleted_users))
-            query = query.order_by(col(Conversation.id))
+            query = query.order_by(col(Conversation.id).desc() if newest else col(Conversation.id))
             if limit is not None:
                 query = query.limit(limit)
             conversations = list((await session.exec(query)).all())
+            if newest:
+                conversations.reverse()
             if not conversations:
                 return []
             conversation_ids = [c.id for c in conversations]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bot.events import ChatRef
-from bot.imagination import chat_backend, choose_imagination
+from bot.imagination import IMAGINED_PER_RUN, chat_backend, choose_imagination
 from bot.improve import ImprovementLoop
 from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
@@ -98,12 +98,17 @@ async def test_each_run_logs_and_records_its_choice_and_status_shows_it(
     assert line.levelno == logging.INFO and "with scripted (IMAGINE_BACKEND=auto" in line.getMessage()
     run = await sqlite_store.last_training_run()
     assert run.config["backend"] == "scripted" and "scripted simulators" in run.config["backend_reason"]
+    # Scripted dialogues cost seconds: a run imagines thousands by default, enough for imitation to learn the task.
+    assert run.config["imagined"] == IMAGINED_PER_RUN["scripted"] == 2400
 
     service = DialogueService(
         store=sqlite_store, policies=PolicyHolder(ScriptedPolicy()), task=loop.task, settings=settings, improver=loop
     )
     status = "\n".join(reply.text for reply in await service.handle_command(ADMIN, "status"))
-    assert "Imagination: scripted (IMAGINE_BACKEND=auto, no LLM server configured, built-in task 'travel'" in status
+    assert (
+        "Imagination: 2400 dialogues per run from scripted (IMAGINE_BACKEND=auto, no LLM server configured, "
+        "built-in task 'travel'" in status
+    )
     await service.shutdown()
 
 
@@ -117,9 +122,11 @@ async def test_a_custom_task_run_warns_about_the_bundled_model(
     [line] = [r for r in caplog.records if "imagines" in r.getMessage()]
     assert line.levelno == logging.WARNING and "with local" in line.getMessage()
     assert "weak dialogues" in line.getMessage()
-    assert (await sqlite_store.last_training_run()).config["backend"] == "local"
+    config = (await sqlite_store.last_training_run()).config
+    assert config["backend"] == "local" and config["imagined"] == 60
     status = "\n".join(await loop.status_lines())
-    assert "Imagination: local" in status and "Warning: the bundled SmolLM2-135M writes weak dialogues" in status
+    assert "Imagination: 60 dialogues per run from local" in status
+    assert "Warning: the bundled SmolLM2-135M writes weak dialogues" in status
 
 
 async def test_status_says_when_imagination_is_off(sqlite_store: Store, tmp_path: Path) -> None:

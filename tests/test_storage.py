@@ -128,6 +128,21 @@ async def test_training_selection_filters_source_reward_time_and_consent(store: 
     assert await store.dialogues_for_training(sources=["real"], since=cutoff) == []
 
 
+async def test_training_selection_keeps_the_newest_when_limited(store: Store) -> None:
+    ids = [
+        (
+            await store.save_dialogue(
+                source="imagined", platform="imagined", task="travel", turns=[("agent", f"a{i}")], reward=0.0
+            )
+        ).id
+        for i in range(5)
+    ]
+    newest = await store.dialogues_for_training(sources=["imagined"], limit=2, newest=True)
+    assert [r.id for r in newest] == ids[-2:]  # the newest two, still oldest first
+    oldest = await store.dialogues_for_training(sources=["imagined"], limit=2)
+    assert [r.id for r in oldest] == ids[:2]
+
+
 async def test_forget_deletes_everything_of_one_user_only(store: Store) -> None:
     mine = await _chat(store, "telegram:1")
     other = await _chat(store, "telegram:2")
