@@ -7,18 +7,14 @@ Prints a rich table and appends a Markdown section to BENCHMARKS.md with the rep
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from preamble import ROOT  # noqa: F401 (before the project imports: the root importable, HF offline)
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section
 
 SECTION = "Simulated users: generation and evaluation throughput"
 

@@ -33,18 +33,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.benchmarks_md import reproduce_command, run_heading, write_section  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from rich.console import Console  # noqa: E402
-from rich.progress import (  # noqa: E402
+from preamble import ROOT
+from rich.console import Console
+from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
@@ -54,8 +45,10 @@ from rich.progress import (  # noqa: E402
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table  # noqa: E402
-from rich.text import Text  # noqa: E402
+from rich.table import Table
+from rich.text import Text
+
+from bench.benchmarks_md import reproduce_command, run_heading, write_section
 
 SECTION = "Telegram bot load (bench/bot_load.py)"
 RESULTS = ROOT / "bench" / "results" / "bot_load.json"

@@ -27,26 +27,23 @@ import asyncio
 import gc
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from preamble import ROOT
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
-from imagine.task import load_task  # noqa: E402
-from learning.base_model import load_base_model  # noqa: E402
-from learning.decoding import DecodeConfig, left_pad  # noqa: E402
-from learning.ilql import ILQLConfig, ValueHeads  # noqa: E402
-from learning.interface import History, Message  # noqa: E402
-from learning.policy import LearnedPolicy  # noqa: E402
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section
+from imagine.task import load_task
+from learning.base_model import load_base_model
+from learning.decoding import DecodeConfig, left_pad
+from learning.ilql import ILQLConfig, ValueHeads
+from learning.interface import History, Message
+from learning.policy import LearnedPolicy
 
 NEVER = -1  # an end-of-turn id no token has: every reply runs to the token budget
 RESULTS = ROOT / "bench" / "results" / "decode.json"

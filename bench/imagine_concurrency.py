@@ -15,20 +15,16 @@ import argparse
 import asyncio
 import multiprocessing
 import platform
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for tests.fakes when run as a script
+from preamble import ROOT  # noqa: F401 (before the project imports: the root importable, HF offline)
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from bench.benchmarks_md import reproduce_command, write_section  # noqa: E402
-from imagine.backends import make_backend  # noqa: E402
-from imagine.engine import ImaginationEngine, ImagineConfig  # noqa: E402
-from imagine.task import load_task  # noqa: E402
+from bench.benchmarks_md import reproduce_command, write_section
+from imagine.backends import make_backend
+from imagine.engine import ImaginationEngine, ImagineConfig
+from imagine.task import load_task
 
 SECTION = "Imagination engine: dialogues per minute vs concurrency"
 console = Console()

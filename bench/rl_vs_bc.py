@@ -27,30 +27,28 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+from preamble import ROOT
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.benchmarks_md import reproduce_command, run_heading, write_section  # noqa: E402
-from imagine.simulated import BehaviourPolicy, generate_scripted_dialogues  # noqa: E402
-from imagine.task import load_task  # noqa: E402
-from learning.devices import resolve_device  # noqa: E402
-from learning.evaluation import EvaluationReport, PolicyResult, evaluate, paired_difference  # noqa: E402
-from learning.ilql import ILQLConfig  # noqa: E402
-from learning.interface import DEFAULT_TEMPERATURE  # noqa: E402
-from learning.policy import load_policy  # noqa: E402
-from learning.report import write_report  # noqa: E402
-from learning.trainer import DEFAULT_ALGORITHM, TrainConfig, train  # noqa: E402
-from storage.rewards import is_success  # noqa: E402
+from bench.benchmarks_md import reproduce_command, run_heading, write_section
+from imagine.simulated import BehaviourPolicy, generate_scripted_dialogues
+from imagine.task import load_task
+from learning.algorithms import DEFAULT_ALGORITHM
+from learning.devices import resolve_device
+from learning.evaluation import EvaluationReport, PolicyResult, evaluate, paired_difference
+from learning.ilql import ILQLConfig
+from learning.interface import DEFAULT_TEMPERATURE
+from learning.policy import load_policy
+from learning.report import write_report
+from learning.training import TrainConfig, train
+from storage.rewards import is_success
 
 console = Console()
 TRAINED = ("bc", "fbc", "ilql-token", "critic-awr")

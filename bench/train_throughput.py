@@ -25,16 +25,13 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from preamble import ROOT  # noqa: F401 (before the project imports: the root importable, HF offline)
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section  # noqa: E402
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section
 
 ROWS = {
     "sft": "plain LoRA SFT (HF loss, every layer)",
@@ -50,11 +47,13 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
     from imagine.simulated import generate_scripted_dialogues
     from imagine.task import load_task
     from learning.base_model import load_base_model
-    from learning.critic import TurnCritic, critic_loss
     from learning.dataset import collate, encode_records
     from learning.lora import attach_lora, output_embedding
     from learning.split_trunk import LowerStates, UpperStack
-    from learning.trainer import ImitationObjective, TrainConfig, _policy_loss, frozen_layers
+    from learning.training import TrainConfig
+    from learning.training.critic import TurnCritic, critic_loss
+    from learning.training.features import frozen_layers
+    from learning.training.imitation import ImitationObjective, policy_loss
 
     task = load_task("travel")
     base = load_base_model(base_model)
@@ -94,7 +93,7 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
             else:
                 hidden = upper(lower.batch(indices))
                 weights = objective.token_weights(indices, batch)
-                loss, _ = _policy_loss(
+                loss, _ = policy_loss(
                     model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0.0, 1.0)
                 )
             loss.backward()

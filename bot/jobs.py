@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 if TYPE_CHECKING:
     from bot.settings import Settings
-    from learning.trainer import TrainConfig
+    from learning.training import TrainConfig
 
 #: The version of the job file format; a child refuses a job written for another one.
 JOB_SCHEMA_VERSION = 1
@@ -66,7 +66,7 @@ class TrainJob:
     @classmethod
     def from_json(cls, source: str | Path) -> Self:
         """A job from a file (``Path``) or its text; :class:`JobError` when it cannot be used."""
-        from learning.trainer import TrainConfig, TrainingError
+        from learning.training import TrainConfig, TrainingError
 
         data = _load(source, "train")
         try:
@@ -129,7 +129,7 @@ def train_config(
 ) -> TrainConfig:
     """The training config of ``reverie train`` and of the improvement loop: the given values, else the settings'
     (``IMPROVE_REAL_RATIO``, ``IMPROVE_STEPS``, ``BASE_MODEL``, ``DEVICE``), else the trainer's defaults."""
-    from learning.trainer import TrainConfig
+    from learning.training import TrainConfig
 
     config = TrainConfig(
         algorithm=algorithm,  # type: ignore[arg-type]

@@ -40,20 +40,32 @@ HeadType = Literal["factorized", "full"]
 class ILQLConfig:
     """ILQL hyperparameters (defaults chosen on this machine; the comments give the reference values)."""
 
+    #: "utterance": Q(s, u) per agent turn, decoding reranks sampled replies; "token": Q(s, a) per token, decoding
+    #: perturbs the logits (the paper's).
     level: Level = "utterance"
+    #: Discount γ per transition.
     gamma: float = 0.99
-    tau: float = 0.7  # expectile
-    cql_weight: float = 0.5  # λ_cql; 0.1 (reference) leaves CQL high on a 49k vocabulary
-    bc_weight: float = 1.0  # λ_bc (policy stage)
-    polyak: float = 0.05  # α; the reference 0.005 barely moves targets in a short run
-    beta: float = 4.0  # decoding: log π + β·(Q̄ − V) (token level)
-    candidates: int = 8  # decoding: K sampled replies reranked by Q̄(s, u) − V(s) (utterance level)
+    #: Expectile τ of the V regression (τ → 1 approaches max_a Q).
+    tau: float = 0.7
+    #: λ_cql, the CQL weight; the reference 0.1 leaves CQL high on a 49k vocabulary.
+    cql_weight: float = 0.5
+    #: λ_bc, the imitation weight of the policy stage.
+    bc_weight: float = 1.0
+    #: Polyak rate α of the target Q heads; the reference 0.005 barely moves targets in a short run.
+    polyak: float = 0.05
+    #: Token-level decoding: log π + β·(Q̄ − V).
+    beta: float = 4.0
+    #: Utterance-level decoding: K sampled replies reranked by Q̄(s, u) − V(s).
+    candidates: int = 8
+    #: Token-level Q head: "factorized" (through the frozen output embedding) or a full vocabulary layer.
     head_type: HeadType = "factorized"
-    head_hidden_mult: int = 2  # MLP width = mult × d
-    trunk_grad: bool = False  # token level: the paper's joint loss with value gradients into the LoRA trunk
-    # Which frozen trunk the value heads read: "base" (adapter disabled) or "policy" (the BC-adapted trunk).
-    # BC training compresses away what next-token prediction does not need (which reply was given, once the
-    # next token is the same), so value heads on the policy trunk cannot tell good turns from bad ones.
+    #: Width of the heads' MLPs as a multiple of the hidden size d.
+    head_hidden_mult: int = 2
+    #: Token level: the paper's joint loss with value gradients into the LoRA trunk (measured unstable here).
+    trunk_grad: bool = False
+    #: Which frozen trunk the value heads read: "base" (adapter disabled) or "policy" (the BC-adapted trunk).
+    #: BC training compresses away what next-token prediction does not need (which reply was given, once the
+    #: next token is the same), so value heads on the policy trunk cannot tell good turns from bad ones.
     value_features: Literal["base", "policy"] = "base"
 
     def to_dict(self) -> dict[str, object]:

@@ -21,7 +21,8 @@ from learning.interface import Message
 from learning.lora import attach_lora, output_embedding
 from learning.policy import LearnedPolicy, load_policy
 from learning.split_trunk import LowerStates, UpperStack
-from learning.trainer import ImitationObjective, TrainConfig, _policy_loss
+from learning.training import TrainConfig
+from learning.training.imitation import ImitationObjective, policy_loss
 from storage import DialogueRecord, TurnRecord
 
 TRAVEL = load_task("travel")
@@ -112,7 +113,7 @@ def test_imitation_loss_weighs_each_action_token_the_same_in_any_batch() -> None
         batch = collate([items[i] for i in indices], base.tokenizer.pad_token_id)
         hidden = upper(lower.batch(indices))
         weights = objective.token_weights(indices, batch)
-        value, _ = _policy_loss(model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0, 1))
+        value, _ = policy_loss(model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0, 1))
         return value.item()
 
     with torch.no_grad():

@@ -62,7 +62,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (tiny, few-step) BC checkpoint: the version hot-swapped in under load."""
-    from learning.trainer import TrainConfig, train
+    from learning.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "bc"
     config = TrainConfig(algorithm="bc", task="travel", base_model="tiny", steps=3, batch_size=4)

@@ -68,7 +68,7 @@ async def improve_store(tmp_path: Path) -> AsyncIterator[Store]:
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (tiny, few-step) BC checkpoint, trained in-process once for the tests that need one."""
-    from learning.trainer import TrainConfig, train
+    from learning.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("ckpt") / "bc"
     config = TrainConfig(algorithm="bc", task="travel", base_model="tiny", steps=3, batch_size=4)

@@ -7,7 +7,8 @@ import torch
 
 from learning.dataset import Batch
 from learning.devices import resolve_device
-from learning.trainer import FeatureTable, TrainConfig
+from learning.training import TrainConfig
+from learning.training.features import FeatureTable
 
 
 def test_auto_picks_cuda_only_where_there_is_one() -> None:

@@ -19,7 +19,7 @@ from learning.checkpoint import load_manifest, save_checkpoint
 from learning.ilql import ILQLConfig
 from learning.interface import Message, Policy
 from learning.policy import PolicyLoadError, load_policy
-from learning.trainer import TrainConfig, train
+from learning.training import TrainConfig, train
 from storage import DialogueRecord, TurnRecord
 
 TASK = load_task("travel")

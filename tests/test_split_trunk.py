@@ -10,7 +10,7 @@ import torch
 from learning.base_model import load_base_model
 from learning.lora import attach_lora, hidden_states
 from learning.split_trunk import LowerStates, UpperStack, common_prefix_length, num_layers
-from learning.trainer import frozen_layers
+from learning.training.features import frozen_layers
 
 
 def _check_equal(base_model: str, upper_layers: int, tmp_path: Path, **kwargs: object) -> None:

@@ -58,8 +58,8 @@ def register(app: typer.Typer) -> None:
         from bot.jobs import JobError, TrainJob, train_config
         from learning.checkpoint import CheckpointError
         from learning.dataset import DatasetError
-        from learning.trainer import TrainingError, load_dialogues_jsonl
-        from learning.trainer import train as run_training
+        from learning.training import TrainingError, load_dialogues_jsonl
+        from learning.training import train as run_training
 
         settings = Settings()
         configure_logging(settings.log_level)

@@ -43,8 +43,8 @@ from torch import nn
 from learning.dataset import EncodedDialogue, MixingSampler
 from learning.ilql import ScalarHead
 from learning.lora import lora_config
-from learning.optim import EarlyStopping, warmup_cosine
 from learning.split_trunk import LowerStates, UpperStack
+from learning.training.optim import EarlyStopping, warmup_cosine
 from storage.rewards import is_success
 
 logger = logging.getLogger(__name__)
@@ -57,16 +57,17 @@ class CriticConfig:
     #: "frozen": small heads on the base model's features, computed once (Q reads the state and the reply's mean
     #: hidden state); "adapted": the critic's own LoRA on a copy of the upper layers, trained end to end.
     features: Literal["frozen", "adapted"] = "frozen"
-    #: Critic optimizer steps at most (early stopping on held-out MSE may end sooner); frozen-feature steps
-    #: cost only the heads, so they take many more.
+    #: Critic optimizer steps at most with "adapted" features (early stopping on held-out MSE may end sooner).
     steps: int = 300
+    #: The same with "frozen" features: their steps cost only the heads, so they take many more.
     frozen_steps: int = 3000
     #: Agent turns per frozen-feature critic step.
     frozen_batch_size: int = 256
     #: Critic learning rate (LoRA and heads), warm-up then cosine decay.
     lr: float = 1e-3
-    #: The critic's LoRA rank and alpha (its adapter is its own, on a copy of the upper layers).
+    #: The critic's LoRA rank (its adapter is its own, on a copy of the upper layers).
     lora_rank: int = 16
+    #: The critic's LoRA alpha (scale alpha / rank).
     lora_alpha: int = 32
     #: AWR temperature T: a turn with advantage A weighs exp(A/T); returns are in [0, 1], so 0.1 makes a
     #: 0.3 better reply count e³ ≈ 20 times more.
