@@ -1,7 +1,8 @@
 """The contract between platform adapters and :class:`bot.service.DialogueService`.
 
-Adapters only translate: a platform event becomes a :class:`ChatRef` plus text, a command or a feedback
-click; the service answers with :class:`Reply` values that the adapter sends as they are.
+Adapters translate: a platform event becomes a :class:`ChatRef` plus text, a command or a feedback click; the
+service answers with neutral :class:`Reply` values, and each adapter owns their presentation (splitting to its
+platform's length limit, feedback buttons, ephemeral and error styles).
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Protocol
-
-#: Longest message each platform accepts, in characters.
-PLATFORM_TEXT_LIMITS: dict[str, int] = {"telegram": 4096, "discord": 2000, "console": 100_000}
 
 #: Feedback button data (:func:`encode_feedback`), as a pattern with the groups ``turn_id`` and ``vote``; Discord
 #: matches clicks against it too. At most 18 digits: a turn id beyond that is not one Reverie made.
@@ -46,20 +44,16 @@ class ChatRef:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One message to send back. ``chunks`` already fit the platform's length limit."""
+    """One message to send back, whole: the adapter splits it to its platform's limit (``bot.text.split_text``)."""
 
-    chunks: tuple[str, ...]
-    #: The agent turn this reply shows; adapters attach 👍/👎 to the last chunk when set.
+    #: The whole reply.
+    text: str
+    #: The agent turn this reply shows; adapters attach 👍/👎 to its last message when set.
     turn_id: int | None = None
     #: A refusal or notice meant only for the caller (Discord ephemeral; elsewhere a normal message).
     private: bool = False
     #: Shown with a distinct style where a platform can (errors, refusals).
     is_error: bool = False
-
-    @property
-    def text(self) -> str:
-        """The whole reply."""
-        return "".join(self.chunks)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from datetime import datetime, timedelta
 import storage
 from bot import redaction
 from bot.events import (
-    PLATFORM_TEXT_LIMITS,
     ChatRef,
     CommandInfo,
     FeedbackDataError,
@@ -32,7 +31,7 @@ from bot.inflight import InFlight
 from bot.policy_holder import PolicyHolder
 from bot.sessions import Session, SessionKey, history_window
 from bot.settings import Settings
-from bot.text import sanitize, split_text
+from bot.text import sanitize
 from imagine.task import TaskSpec
 from learning.interface import Message
 from storage import ConversationStatus, FeedbackKind, Role, Source, Store, StoreError
@@ -509,16 +508,12 @@ class DialogueService:
 
     # --- replies -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _limit(chat: ChatRef) -> int:
-        return PLATFORM_TEXT_LIMITS.get(chat.platform, min(PLATFORM_TEXT_LIMITS.values()))
-
     def _agent_reply(self, chat: ChatRef, text: str, turn_id: int | None) -> Reply:
-        return Reply(chunks=split_text(text, self._limit(chat)), turn_id=turn_id)
+        return Reply(text=text, turn_id=turn_id)
 
     def _notice(self, chat: ChatRef, text: str, *, error: bool = False, private: bool = True) -> Reply:
         # Notices quote run errors and improver messages, which may carry text from a child's traceback.
-        return Reply(chunks=split_text(redaction.redact(text), self._limit(chat)), private=private, is_error=error)
+        return Reply(text=redaction.redact(text), private=private, is_error=error)
 
 
 def _session_key(conversation: storage.Conversation) -> SessionKey | None:

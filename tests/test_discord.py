@@ -366,10 +366,10 @@ async def test_no_token_means_discord_is_off(sqlite_store: Store, tiny_policy: L
 
 
 def test_long_replies_are_split_with_buttons_on_the_last_piece_only() -> None:
-    long_reply = Reply(chunks=("a" * 1990, "b" * 2500), turn_id=7)
-    notice = Reply(chunks=("Saved.",), private=True)
+    long_reply = Reply(text="a" * 1990 + "\n" + "b" * 2500, turn_id=7)
+    notice = Reply(text="Saved.", private=True)
     messages = outgoing_messages([long_reply, notice])
-    assert [len(m.text) for m in messages] == [1990, 2000, 500, 6]
+    assert [len(m.text) for m in messages] == [1991, 2000, 500, 6]  # at the line break, then inside the word
     assert [m.turn_id for m in messages] == [None, None, 7, None]
     assert [m.private for m in messages] == [False, False, False, True]
     view = messages[2].view()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlmodel import select
 
-from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, Reply, encode_feedback
+from bot.adapters.discord import discord_chunks
+from bot.adapters.telegram import telegram_chunks
+from bot.events import ChatRef, Reply, encode_feedback
 from bot.policy_holder import PolicyHolder
 from bot.service import POLICY_APOLOGY, DialogueService
 from bot.settings import Settings
@@ -278,14 +280,16 @@ async def test_policy_failure_apologises_logs_the_turn_and_recovers(store: Store
     assert [t.role for t in turns] == ["agent", "user", "user", "user", "user", "agent"]
 
 
-async def test_long_replies_are_split_to_the_platform_limit(sqlite_store: Store) -> None:
+async def test_long_replies_come_whole_and_each_adapter_splits_them_to_its_limit(sqlite_store: Store) -> None:
     service = make_service(sqlite_store)
+    whole = ("This is a sentence that goes on. " * 200).strip()
     for chat in (ALICE, ChatRef(platform="discord", chat_id="1", user_id="7")):
         reply = (await service.handle_message(chat, "LONG answer please"))[-1]
-        limit = PLATFORM_TEXT_LIMITS[chat.platform]
-        assert len(reply.chunks) > 1 and all(len(c) <= limit for c in reply.chunks)
-        assert all(c.endswith(". ") for c in reply.chunks[:-1])  # cut after a sentence, not inside one
-        assert reply.text == ("This is a sentence that goes on. " * 200).strip()
+        assert reply.text == whole  # the service is neutral: presentation is the adapter's
+    for chunks, limit in ((telegram_chunks(whole), 4096), (discord_chunks(whole), 2000)):
+        assert len(chunks) > 1 and all(len(c) <= limit for c in chunks)
+        assert all(c.endswith(". ") for c in chunks[:-1])  # cut after a sentence, not inside one
+        assert "".join(chunks) == whole
 
 
 async def test_database_failure_becomes_an_apology(tmp_path) -> None:
@@ -423,12 +427,16 @@ async def test_shutdown_waits_for_turns_in_flight(sqlite_store: Store) -> None:
     assert refused[0].is_error and "restarting" in refused[0].text
 
 
-@pytest.mark.parametrize("platform", ["telegram", "discord", "console"])
-async def test_every_reply_fits_its_platform(sqlite_store: Store, platform: str) -> None:
+@pytest.mark.parametrize(
+    ("platform", "chunks", "limit"), [("telegram", telegram_chunks, 4096), ("discord", discord_chunks, 2000)]
+)
+async def test_every_reply_fits_its_platform(
+    sqlite_store: Store, platform: str, chunks: Callable[[str], list[str]], limit: int
+) -> None:
     service = make_service(sqlite_store, max_message_chars=200_000)
     chat = ChatRef(platform=platform, chat_id="1", user_id="1")
     replies: list[Reply] = await service.handle_message(chat, "LONG " + "word " * 30_000)
-    assert all(len(chunk) <= PLATFORM_TEXT_LIMITS[platform] for r in replies for chunk in r.chunks)
+    assert all(0 < len(chunk) <= limit for r in replies for chunk in chunks(r.text))
 
 
 async def test_command_names_are_normalised_and_start_replaces_an_open_conversation(sqlite_store: Store) -> None:

@@ -29,9 +29,10 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from bot.events import FEEDBACK_TEMPLATE, PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, Reply, encode_feedback
+from bot.events import FEEDBACK_TEMPLATE, ChatRef, CommandInfo, Reply, encode_feedback
 from bot.inflight import InFlight
 from bot.settings import Settings
+from bot.text import split_text
 
 if TYPE_CHECKING:
     from bot.service import DialogueService
@@ -40,7 +41,7 @@ _log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 #: Longest message Discord accepts.
-TEXT_LIMIT = PLATFORM_TEXT_LIMITS[PLATFORM]
+TEXT_LIMIT = 2000
 #: Discord drops an interaction not acknowledged within 3 s; defer when the service takes longer than this.
 DEFER_AFTER_S = 2.0
 #: What a user sees when handling their event failed (details go to the log).
@@ -89,9 +90,9 @@ def strip_mention(content: str, bot_id: int) -> str:
     return re.sub(rf"<@!?{bot_id}>", " ", content).strip()
 
 
-def split_for_discord(text: str, limit: int = TEXT_LIMIT) -> list[str]:
-    """``text`` in pieces of at most ``limit`` characters (the service already chunks; this is a safety net)."""
-    return [text[start : start + limit] for start in range(0, len(text), limit)] or [""]
+def discord_chunks(text: str, limit: int = TEXT_LIMIT) -> list[str]:
+    """``text`` as Discord messages of at most ``limit`` characters, cut on natural boundaries (``split_text``)."""
+    return list(split_text(text, limit))
 
 
 @contextlib.asynccontextmanager
@@ -127,7 +128,7 @@ def outgoing_messages(replies: list[Reply]) -> list[OutgoingMessage]:
     """Flatten replies into Discord messages, buttons on the last chunk of each agent reply."""
     messages: list[OutgoingMessage] = []
     for reply in replies:
-        pieces = [piece for chunk in reply.chunks for piece in split_for_discord(chunk) if piece.strip()]
+        pieces = discord_chunks(reply.text)
         for index, piece in enumerate(pieces):
             is_last = index == len(pieces) - 1
             messages.append(OutgoingMessage(piece, reply.private, reply.turn_id if is_last else None))
@@ -314,7 +315,7 @@ class ReverieDiscordClient(discord.Client):
                     replies = await self._replies_for_text(chat, text)
             except Exception:
                 _log.exception("Discord: handling a message in channel %s failed", message.channel.id)
-                replies = [Reply(chunks=(ERROR_TEXT,), is_error=True)]
+                replies = [Reply(text=ERROR_TEXT, is_error=True)]
             await self._send_to_channel(message, replies)
 
     async def _replies_for_text(self, chat: ChatRef, text: str) -> list[Reply]:
@@ -354,7 +355,7 @@ class ReverieDiscordClient(discord.Client):
         chat = chat_from_interaction(interaction)
 
         async def toast() -> list[Reply]:
-            return [Reply(chunks=(await self.service.handle_feedback(chat, data),), private=True)]
+            return [Reply(text=await self.service.handle_feedback(chat, data), private=True)]
 
         with self._in_flight.track():
             await self._answer(interaction, toast(), defer_ephemeral=True)
@@ -384,7 +385,7 @@ class ReverieDiscordClient(discord.Client):
             replies = await task
         except Exception:
             _log.exception("Discord: handling interaction %s failed", interaction.id)
-            replies = [Reply(chunks=(ERROR_TEXT,), private=True, is_error=True)]
+            replies = [Reply(text=ERROR_TEXT, private=True, is_error=True)]
         try:
             await self._send_interaction_replies(
                 interaction, replies, deferred=deferred, deferred_ephemeral=defer_ephemeral

@@ -55,7 +55,7 @@ from telegram.ext import (
 )
 
 from bot import redaction
-from bot.events import PLATFORM_TEXT_LIMITS, ChatRef, CommandInfo, FeedbackDataError, Reply, decode_feedback
+from bot.events import ChatRef, CommandInfo, FeedbackDataError, Reply, decode_feedback
 from bot.events import encode_feedback as _encode_feedback
 from bot.settings import Settings
 from bot.text import split_text
@@ -80,7 +80,7 @@ TEXT_ONLY = "I can only read text messages. Please write to me in words."
 
 _COMMAND_NAME = re.compile(r"[a-z0-9_]{1,32}")
 _GROUP_TYPES = frozenset({ChatType.GROUP, ChatType.SUPERGROUP})
-_TEXT_LIMIT = min(PLATFORM_TEXT_LIMITS[PLATFORM], int(MessageLimit.MAX_TEXT_LENGTH))
+_TEXT_LIMIT = int(MessageLimit.MAX_TEXT_LENGTH)
 
 
 # --- pure translation helpers ----------------------------------------------------------------------------
@@ -103,12 +103,11 @@ def feedback_keyboard(turn_id: int, chosen: bool | None = None) -> InlineKeyboar
     )
 
 
-def telegram_chunks(chunks: Sequence[str]) -> list[str]:
-    """The reply's chunks, re-split where one is still too long for Telegram (which counts UTF-16 units)."""
+def telegram_chunks(text: str) -> list[str]:
+    """``text`` as Telegram messages, cut on natural boundaries (``split_text``) to fit the limit, which Telegram
+    counts in UTF-16 units."""
     result: list[str] = []
-    for chunk in chunks:
-        if not chunk.strip():
-            continue
+    for chunk in split_text(text, _TEXT_LIMIT):
         if _utf16_length(chunk) <= _TEXT_LIMIT:
             result.append(chunk)
         else:
@@ -451,7 +450,7 @@ class TelegramAdapter:
         bot = message.get_bot()
         reply_to = self._reply_to(message)
         for reply in replies:
-            chunks = telegram_chunks(reply.chunks)
+            chunks = telegram_chunks(reply.text)
             for index, chunk in enumerate(chunks):
                 last = index == len(chunks) - 1
                 markup = feedback_keyboard(reply.turn_id) if last and reply.turn_id is not None else None
