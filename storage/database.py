@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +91,30 @@ def retry_transient(
     """
 
     def decorate(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        def delay(state: RetryCallState) -> float:
+            return base_delay * 2 ** (state.attempt_number - 1) * (1 + random.random())
+
+        def log(state: RetryCallState) -> None:
+            wait = state.next_action.sleep if state.next_action else 0.0
+            logger.warning("database busy in %s, retrying in %.2fs", func.__name__, wait)
+
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            for attempt in range(attempts):
-                try:
-                    return await func(*args, **kwargs)
-                except (OperationalError, DBAPIError) as error:
-                    if not _is_transient(error):
-                        raise
-                    if attempt == attempts - 1:
-                        raise DatabaseUnavailableError(
-                            f"database unavailable after {attempts} attempts ({func.__name__}): {error.orig}"
-                        ) from error
-                    delay = base_delay * 2**attempt * (1 + random.random())
-                    logger.warning("database busy in %s, retrying in %.2fs", func.__name__, delay)
-                    await asyncio.sleep(delay)
-            raise AssertionError("unreachable")
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(attempts),
+                wait=delay,
+                retry=retry_if_exception(_is_transient),
+                before_sleep=log,
+                reraise=True,
+            )
+            try:
+                return await retrying(func, *args, **kwargs)
+            except (OperationalError, DBAPIError) as error:
+                if not _is_transient(error):
+                    raise
+                raise DatabaseUnavailableError(
+                    f"database unavailable after {attempts} attempts ({func.__name__}): {error.orig}"
+                ) from error
 
         return wrapper
 

@@ -1,8 +1,8 @@
 """Any OpenAI-compatible chat server (OpenAI, vLLM, Ollama, llama.cpp) through the official async client.
 
-Concurrency is bounded by a semaphore; 429, 5xx, timeouts and dropped connections are retried with
-exponential backoff and jitter (a server's ``Retry-After`` is honoured, capped); every other error fails the
-one request, never the batch. JSON mode is asked for with ``response_format``; a server that rejects it is
+Concurrency is bounded by a semaphore; 429, 5xx, timeouts, dropped connections and malformed bodies are retried by
+``tenacity`` with exponential backoff and jitter (a server's ``Retry-After`` is honoured, capped); every other error
+fails the one request, never the batch. JSON mode is asked for with ``response_format``; a server that rejects it is
 remembered and asked without it, and callers parse the text robustly either way.
 """
 
@@ -14,6 +14,7 @@ import logging
 import random
 
 import openai
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from imagine.backends.base import BackendError, ChatMessages, Usage
 
@@ -60,7 +61,7 @@ class OpenAIBackend:
         self.supports_json_mode: bool | None = None  # unknown until the server answers a JSON-mode request
         self._semaphore = asyncio.Semaphore(concurrency)
         self._jitter = random.Random(seed)
-        # Our own retry loop counts retries and honours Retry-After; the client's would hide both.
+        # tenacity retries (the client's own retries would hide the count and skip malformed bodies).
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or "not-needed",  # local servers accept anything; never logged
@@ -77,42 +78,55 @@ class OpenAIBackend:
         json_mode: bool = False,
     ) -> str:
         """One completion, retried on transient errors; :class:`BackendError` when it cannot be had."""
-        use_json = json_mode and self.supports_json_mode is not False
-        attempt = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self._delay,
+            retry=retry_if_exception_type(_RETRIABLE),
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
         async with self._semaphore:
-            while True:
-                try:
-                    extra = {"response_format": {"type": "json_object"}} if use_json else {}
-                    response = await self._client.chat.completions.create(
-                        model=self.model,
-                        messages=messages,  # type: ignore[arg-type]
-                        max_tokens=max_tokens,
-                        temperature=temperature,
-                        **extra,  # type: ignore[arg-type]
-                    )
-                except openai.BadRequestError as error:
-                    if use_json and "response_format" in str(error):
-                        # The server does not do JSON mode: ask in plain text from now on.
-                        logger.info("%s rejects response_format; continuing without JSON mode", self.base_url)
-                        self.supports_json_mode = False
-                        use_json = False
-                        continue
-                    self.usage.failures += 1
-                    raise BackendError(f"request rejected (400): {_short(error)}") from error
-                except _RETRIABLE as error:
-                    if attempt >= self.max_retries:
-                        self.usage.failures += 1
-                        raise BackendError(f"gave up after {attempt + 1} attempts: {_describe(error)}") from error
-                    delay = self._delay(attempt, error)
-                    attempt += 1
-                    self.usage.retries += 1
-                    logger.debug("retry %d in %.2fs after %s", attempt, delay, _describe(error))
-                    await asyncio.sleep(delay)
-                    continue
-                except openai.OpenAIError as error:
-                    self.usage.failures += 1
-                    raise BackendError(_describe(error)) from error
-                return self._account(response, use_json)
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._create(messages, max_tokens, temperature, json_mode)
+            except _RETRIABLE as error:
+                self.usage.failures += 1
+                tries = retrying.statistics.get("attempt_number", 1)
+                raise BackendError(f"gave up after {tries} attempts: {_describe(error)}") from error
+            except openai.BadRequestError as error:
+                self.usage.failures += 1
+                raise BackendError(f"request rejected (400): {_short(error)}") from error
+            except openai.OpenAIError as error:
+                self.usage.failures += 1
+                raise BackendError(_describe(error)) from error
+        raise AssertionError("unreachable: tenacity returns or raises")
+
+    async def _create(self, messages: ChatMessages, max_tokens: int, temperature: float, json_mode: bool) -> str:
+        """One request; in JSON mode unless the server is known not to do it (then remembered and asked again)."""
+        use_json = json_mode and self.supports_json_mode is not False
+        extra = {"response_format": {"type": "json_object"}} if use_json else {}
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **extra,  # type: ignore[arg-type]
+            )
+        except openai.BadRequestError as error:
+            if not (use_json and "response_format" in str(error)):
+                raise
+            logger.info("%s rejects response_format; continuing without JSON mode", self.base_url)
+            self.supports_json_mode = False
+            return await self._create(messages, max_tokens, temperature, json_mode)
+        return self._account(response, use_json)
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        self.usage.retries += 1
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        logger.debug("retry %d in %.2fs after %s", state.attempt_number, delay, _describe(error or Exception()))
 
     def _account(self, response: object, used_json: bool) -> str:
         self.usage.requests += 1
@@ -127,11 +141,13 @@ class OpenAIBackend:
             raise BackendError("the server answered without a choice")
         return choices[0].message.content or ""
 
-    def _delay(self, attempt: int, error: Exception) -> float:
-        retry_after = _retry_after_s(error)
+    def _delay(self, state: RetryCallState) -> float:
+        """Seconds before the next attempt: the server's ``Retry-After`` (capped), else exponential with jitter."""
+        error = state.outcome.exception() if state.outcome else None
+        retry_after = _retry_after_s(error) if error is not None else None
         if retry_after is not None:
             return min(retry_after, self.max_backoff_s)
-        exponential = min(self.backoff_s * 2**attempt, self.max_backoff_s)
+        exponential = min(self.backoff_s * 2 ** (state.attempt_number - 1), self.max_backoff_s)
         return exponential * (0.5 + self._jitter.random() / 2)  # jitter spreads synchronized retries
 
     async def aclose(self) -> None:
