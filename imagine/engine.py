@@ -196,45 +196,40 @@ class ImaginationEngine:
         max_attempts = max(1, int(remaining * self.config.max_attempts_per_dialogue))
         next_index = max(done_indices, default=-1) + 1
         backend_errors = 0
-        lock = asyncio.Lock()
 
-        async def worker() -> None:
-            nonlocal next_index, backend_errors
-            while True:
-                async with lock:
-                    if report.accepted >= remaining or report.stopped_early:
-                        return
-                    if report.attempts >= max_attempts:
-                        report.stopped_early = f"gave up after {report.attempts} attempts (too many rejections)"
-                        return
-                    in_flight = report.attempts - report.accepted - sum(report.rejected.values())
-                    if report.accepted + in_flight >= remaining:
-                        return  # enough in flight to finish; a rejection would re-open a slot for another worker
-                    index, next_index = next_index, next_index + 1
+        def record(event: ImagineEvent) -> None:
+            nonlocal backend_errors
+            if event.accepted and event.dialogue is not None:
+                report.accepted += 1
+                report.dialogues.append(event.dialogue)
+            else:
+                report.rejected[event.reason] += 1
+                if event.reason.startswith("backend_error"):
+                    backend_errors += 1
+                    if report.accepted == 0 and backend_errors >= self.config.max_errors_before_first_success:
+                        report.stopped_early = f"the backend keeps failing: {event.reason}"
+            if on_event is not None:
+                on_event(event)
+
+        # At most `concurrency` attempts in flight, and never more than could still be needed: a rejection
+        # re-opens a slot. One event loop owns the counters, so no lock.
+        in_flight: set[asyncio.Task[ImagineEvent]] = set()
+        async with asyncio.TaskGroup() as group:
+            while report.accepted < remaining and not report.stopped_early:
+                room = min(self.config.concurrency, remaining - report.accepted) - len(in_flight)
+                if room > 0 and report.attempts < max_attempts:
+                    in_flight.add(group.create_task(self._attempt(next_index, pool, seen_fingerprints)))
+                    next_index += 1
                     report.attempts += 1
-                event = await self._attempt(index, pool, seen_fingerprints)
-                async with lock:
-                    if event.accepted and event.dialogue is not None:
-                        report.accepted += 1
-                        report.dialogues.append(event.dialogue)
-                    else:
-                        report.rejected[event.reason] += 1
-                        if event.reason.startswith("backend_error"):
-                            backend_errors += 1
-                            if report.accepted == 0 and backend_errors >= self.config.max_errors_before_first_success:
-                                report.stopped_early = f"the backend keeps failing: {event.reason}"
-                if on_event is not None:
-                    on_event(event)
-
-        async def supervised() -> None:
-            # A rejection frees a slot that a worker that already returned cannot take: restart until done.
-            while report.accepted < remaining and not report.stopped_early and report.attempts < max_attempts:
-                workers = min(self.config.concurrency, remaining - report.accepted)
-                await asyncio.gather(*(worker() for _ in range(max(1, workers))))
-            if report.accepted < remaining and not report.stopped_early:
-                report.stopped_early = f"gave up after {report.attempts} attempts (too many rejections)"
-
-        await supervised()
+                    continue
+                if not in_flight:
+                    report.stopped_early = f"gave up after {report.attempts} attempts (too many rejections)"
+                    break
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    record(task.result())
+            for task in asyncio.as_completed(in_flight):  # stopped early: attempts under way still count
+                record(await task)
         report.usage = self.backend.usage.as_dict()
         report.persona_fallbacks = pool.fallbacks
         report.elapsed_s = time.perf_counter() - started
