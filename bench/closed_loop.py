@@ -27,8 +27,8 @@ and a plot of the learning curve next to it.
     .venv/bin/python bench/closed_loop.py --task travel --cycles 4 --ablation    # SmolLM2: hours on 2 CPU cores
     .venv/bin/python bench/closed_loop.py --quick                                 # tiny model, a few minutes
 
-This is a skeleton: it runs end to end, but the SmolLM2 numbers the issue targets have not been measured, and
-nothing is appended to BENCHMARKS.md yet.
+Each full run appends its table to BENCHMARKS.md (``--write-from`` appends a saved summary, e.g. of a run stopped
+after some cycles).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,18 +47,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from preamble import ROOT
+from rich.console import Console
+from rich.table import Table
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section
 
 RESULTS = ROOT / "bench" / "results"
+#: This bench's BENCHMARKS.md section.
+SECTION = "Closed loop through Telegram: {task} (bench/closed_loop.py)"
 #: Seed of the fixed held-out evaluation personas (users' seeds are ``USERS_SEED_BASE + cycle``, never this).
 EVAL_SEED = 987_654
 USERS_SEED_BASE = 10_000
@@ -181,7 +177,10 @@ async def run_arm(
                 try:
                     await server.wait_for_call("getUpdates", timeout=120)
                     for cycle in range(args.cycles):
-                        results.append(await _cycle(args, cycle, label, server, runtime, loop, task, evaluate_async))
+                        measured = lambda partial: on_cycle([*results, partial])  # noqa: E731
+                        results.append(
+                            await _cycle(args, cycle, label, server, runtime, loop, task, evaluate_async, measured)
+                        )
                         _print_cycle(results[-1], label)
                         on_cycle(results)
                 finally:
@@ -191,8 +190,18 @@ async def run_arm(
 
 
 async def _cycle(
-    args: argparse.Namespace, cycle: int, label: str, server: Any, runtime: Any, loop: Any, task: Any, evaluate: Any
+    args: argparse.Namespace,
+    cycle: int,
+    label: str,
+    server: Any,
+    runtime: Any,
+    loop: Any,
+    task: Any,
+    evaluate: Any,
+    on_measured: Callable[[CycleResult], None],
 ) -> CycleResult:
+    """One cycle: the users' conversations, the held-out evaluation (``on_measured`` hears them before the
+    improvement run starts, so a run stopped during it keeps them), then one improvement run."""
     from imagine.simulated import scripted_task
 
     started = time.perf_counter()
@@ -219,16 +228,18 @@ async def _cycle(
     steps["eval"] = (time.perf_counter() - clock) / 60
 
     users_success = sum(outcomes) / len(outcomes)
+    measured = CycleResult(
+        cycle=cycle,
+        users_success=users_success,
+        eval_success=eval_success,
+        promoted=False,
+        active_version=runtime.policies.version_id,
+        minutes=(time.perf_counter() - started) / 60,
+        step_minutes={k: round(v, 2) for k, v in steps.items()},
+    )
     if cycle == args.cycles - 1:  # nobody would meet what a last run trains: measure, don't improve
-        return CycleResult(
-            cycle=cycle,
-            users_success=users_success,
-            eval_success=eval_success,
-            promoted=False,
-            active_version=runtime.policies.version_id,
-            minutes=(time.perf_counter() - started) / 60,
-            step_minutes={k: round(v, 2) for k, v in steps.items()},
-        )
+        return measured
+    on_measured(measured)
 
     # One user of this cycle asks to be forgotten before the run: none of their words may be trained on.
     forgetter = f"telegram:{ids[0]}"
@@ -338,6 +349,47 @@ QUICK = {
 }
 
 
+def markdown(summary: dict[str, Any], command: str, load: float) -> str:
+    """The BENCHMARKS.md block of one run: per arm, one row per cycle."""
+    quiet = "quiet: nothing else ran" if load < 2.5 else "NOT quiet: other work shared the CPU"
+    lines = [
+        run_heading(command),
+        "",
+        f"{machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the end ({quiet}). Base model "
+        f"{summary['base_model']}, {summary['users_per_cycle']} simulated users per cycle through the fake Bot API "
+        f"and the real python-telegram-bot adapter, held-out evaluation {summary['eval_episodes']} episodes "
+        f"(seed {EVAL_SEED}) per cycle; cycle 0 meets the prompted base model; each improvement run is the "
+        "scheduler's job with the embedded defaults. Complete: "
+        f"{'yes' if summary.get('complete') else 'no (stopped early; the cycles measured so far)'}.",
+    ]
+    arms = [("with real conversations (IMPROVE_REAL_RATIO default)", summary["cycles"])]
+    if summary.get("ablation_no_real"):
+        arms.append(("ablation: real conversations left out (ratio 0)", summary["ablation_no_real"]["cycles"]))
+    for title, cycles in arms:
+        lines += [
+            "",
+            f"**{title}**",
+            "",
+            "| cycle | users' success | held-out success | run → promoted? | active version | imagined + real | "
+            "minutes (users · eval · improve) | gate |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in cycles:
+            steps = c.get("step_minutes", {})
+            improve = steps.get("improve")
+            timing = f"{c['minutes']:.1f} ({steps.get('users', 0):.1f} · {steps.get('eval', 0):.1f} · " + (
+                f"{improve:.1f})" if improve is not None else "—)"
+            )
+            run = f"{c['run_status']} → {'yes' if c['promoted'] else 'no'}" if c.get("run_status") else "—"
+            data = f"{c['n_imagined']} + {c['n_real']}" if c.get("run_status") else "—"
+            lines.append(
+                f"| {c['cycle']} | {c['users_success']:.0%} | {c['eval_success']:.0%} | {run} | "
+                f"{c['active_version']} | {data} | {timing} | {c.get('decision', '')[:120]} |"
+            )
+    lines += ["", f"![learning curve](bench/results/closed_loop-{summary['task']}.png)"]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` is the tiny model with small counts."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -351,6 +403,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation", action="store_true", help="Repeat with real conversations left out (ratio 0).")
     parser.add_argument("--quick", action="store_true", help="Tiny model, 2 cycles of 6 users: checks the plumbing.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
+    parser.add_argument(
+        "--write-from",
+        type=Path,
+        default=None,
+        help="Only append an earlier run's summary JSON to BENCHMARKS.md (e.g. a run stopped after some cycles).",
+    )
     args = parser.parse_args(argv)
     args.overrides = {}
     if args.quick:
@@ -407,9 +466,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench, print the table, write the JSON summary and the plot."""
     args = parse_args(argv)
+    if args.write_from is not None:
+        summary = json.loads(args.write_from.read_text(encoding="utf-8"))
+        command = reproduce_command(__file__, ["--task", summary["task"]])
+        write_section(SECTION.format(task=summary["task"]), markdown(summary, command, os.getloadavg()[0]))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     summary = asyncio.run(main_async(args))
     json_path = save(summary, args)
+    if not (args.quick or args.no_write):
+        block = markdown(summary, reproduce_command(__file__), os.getloadavg()[0])
+        write_section(SECTION.format(task=args.task), block)
     console.print(table([CycleResult(**c) for c in summary["cycles"]], f"closed loop: {args.task}"))
     if summary["ablation_no_real"]:
         ablation = [CycleResult(**c) for c in summary["ablation_no_real"]["cycles"]]
