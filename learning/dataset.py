@@ -392,8 +392,11 @@ class MixingSampler:
 
     Each example is drawn from the ``real`` sources with probability ``real_ratio`` (from the other
     sources otherwise; when one side is empty the other is used), then within its side in proportion to
-    ``source_weights`` (default 1 per source) spread over that source's dialogues. Batches are formed from
-    a pool of ``group_factor`` batches sorted by length, so padding stays small, and yielded in random order.
+    ``source_weights`` (default 1 per source) spread over that source's dialogues. ``max_real_weight`` caps how
+    much more often a real dialogue is drawn than an imagined one: with few real dialogues the real share falls
+    below ``real_ratio`` (``n_real·w / (n_real·w + n_imagined)``) instead of repeating them until memorised.
+    Batches are formed from a pool of ``group_factor`` batches sorted by length, so padding stays small, and
+    yielded in random order.
     """
 
     def __init__(
@@ -404,6 +407,7 @@ class MixingSampler:
         real_ratio: float = 0.3,
         source_weights: Mapping[str, float] | None = None,
         real_sources: Sequence[str] = ("real",),
+        max_real_weight: float | None = None,
         group_factor: int = 8,
         seed: int = 0,
     ) -> None:
@@ -431,6 +435,9 @@ class MixingSampler:
         if not (has_real or has_imagined):
             raise DatasetError("every source has weight 0: nothing to sample")
         self.real_ratio = real_ratio if (has_real and has_imagined) else (1.0 if has_real else 0.0)
+        if has_real and has_imagined and max_real_weight is not None:
+            n_real, n_imagined = len(sides[True][0]), len(sides[False][0])
+            self.real_ratio = min(self.real_ratio, n_real * max_real_weight / (n_real * max_real_weight + n_imagined))
 
     def draw_index(self) -> int:
         """The index of one dialogue, drawn according to the mixing ratio and source weights."""

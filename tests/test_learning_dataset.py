@@ -125,3 +125,18 @@ def test_mixing_sampler_follows_ratio_and_source_weights() -> None:
     assert {only_imagined.draw().source for _ in range(200)} == {"imagined"}
     with pytest.raises(DatasetError):
         MixingSampler([], batch_size=2)
+
+
+def test_a_few_real_dialogues_are_not_repeated_beyond_the_cap() -> None:
+    items, _ = encode_records(
+        [record(1.0, "imagined")] * 60 + [record(0.0, "real", "try the city")] * 2, TOKENIZER, TASK
+    )
+    capped = MixingSampler(items, batch_size=8, real_ratio=0.3, max_real_weight=4.0, seed=2)
+    assert capped.real_ratio == pytest.approx(8 / 68)  # 2 real × 4 vs 60 imagined, not 30 %
+    real = sum(p for p, item in zip(capped.probabilities(), items, strict=True) if item.source == "real")
+    assert real == pytest.approx(8 / 68)
+    counts = Counter(capped.draw().source for _ in range(4000))
+    assert 0.09 < counts["real"] / 4000 < 0.15
+    # with enough real dialogues the ratio holds
+    plenty, _ = encode_records([record(1.0, "imagined")] * 30 + [record(0.0, "real")] * 10, TOKENIZER, TASK)
+    assert MixingSampler(plenty, batch_size=8, real_ratio=0.3, max_real_weight=4.0).real_ratio == 0.3

@@ -67,6 +67,11 @@ class TrainConfig:
     max_length: int = 512
     #: Share of real (logged) dialogues in each batch when both kinds exist.
     real_ratio: float = 0.3
+    #: A real dialogue is drawn at most this many times as often as an imagined one (None: no cap), so a few real
+    #: dialogues are not repeated until memorised. Measured in the closed loop (travel, 2400 imagined + 23 failed
+    #: real conversations of the base model): uncapped, 30 % of every batch was those 23 — training loss 0.04 on
+    #: them, held-out NLL 0.573, fit at full knowledge 25 %, the candidate 41 % on held-out users.
+    real_max_weight: float | None = 4.0
     #: Relative weight per source (default 1 each).
     source_weights: dict[str, float] = field(default_factory=dict)
     #: Per-turn reward = this × mean 👍/👎 (−1..1) on that agent turn.

@@ -178,6 +178,7 @@ def train(
         train_items,
         batch_size=config.batch_size,
         real_ratio=config.real_ratio,
+        max_real_weight=config.real_max_weight,
         source_weights=config.source_weights,
         seed=config.seed + replicas.rank,  # each replica draws its own batches; gradients are averaged
     )
@@ -293,6 +294,7 @@ def _critic_stage(run: _Run, hidden_size: int) -> None:
         run.train_items,
         batch_size=config.batch_size,
         real_ratio=config.real_ratio,
+        max_real_weight=config.real_max_weight,
         source_weights=config.source_weights,
         seed=config.seed + 7919,
     )
