@@ -161,7 +161,9 @@ def test_bf16_projection_stays_close_to_fp32() -> None:
 async def test_a_chat_joins_the_running_batch_without_waiting_for_it() -> None:
     model, tokenizer = tiny_model()
     task = load_task("travel")
-    config = DecodeConfig(max_new_tokens=60, temperature=1.0, top_k=0)
+    # Long enough that the first chat is still decoding when the second arrives, even on a fast idle machine
+    # (60 tokens of the tiny model took under 50 ms there).
+    config = DecodeConfig(max_new_tokens=600, temperature=1.0, top_k=0)
     policy = LearnedPolicy(model, tokenizer, task, name="t", algorithm="bc", decode_config=config, batch_window_ms=1)
     assert policy.engine is not None
     policy._end_id = policy.engine.end_id = NEVER
