@@ -158,8 +158,8 @@ def main() -> None:
     if "fbc" in wanted:
         run("fbc", TrainConfig(algorithm="fbc", steps=bc_steps, **common))
     if "critic-awr" in wanted and "bc" in checkpoints:
-        config = TrainConfig(algorithm="critic-awr", steps=args.awr_steps or (20 if quick else 200), **common)
-        config.warmup = 0.0  # the actor starts from the converged BC adapter
+        config = TrainConfig(algorithm="critic-awr", **common)  # from the BC checkpoint: the actor steps alone
+        config.critic.actor_steps = args.awr_steps or (20 if quick else config.critic.actor_steps)
         if args.critic_steps or quick:
             config.critic.steps = args.critic_steps or 20
         run("critic-awr", config, init_from=checkpoints["bc"], after="bc")

@@ -721,10 +721,11 @@ async def _step(name: str, command: list[str], *, log_path: Path, time_limit_s: 
 
 def _remove_leftovers(run_dir: Path) -> None:
     """Delete a finished run's inputs (users' words, the job files) and partial checkpoints: the candidate if it was
-    not promoted, the trainer's resume state (``.candidate.resume``) and staging directories (``.candidate.tmp-*``)."""
+    not promoted, the trainer's resume state (``.candidate.resume``), staging directories (``.candidate.tmp-*``) and
+    critic-awr's imitation warm-up (``.candidate.bc`` and its ``..candidate.bc.resume``)."""
     for name in (RUN_INPUT, TRAIN_JOB, EVAL_JOB):
         (run_dir / name).unlink(missing_ok=True)
-    for leftover in [run_dir / "candidate", *run_dir.glob(".candidate*")]:
+    for leftover in [run_dir / "candidate", *run_dir.glob(".candidate*"), *run_dir.glob("..candidate*")]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.exists():

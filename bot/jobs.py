@@ -143,6 +143,7 @@ def train_config(
     )
     if steps or settings.improve_steps:
         config.steps = steps or settings.improve_steps  # type: ignore[assignment]
+        config.critic.actor_steps = min(config.critic.actor_steps, config.steps)  # "at most" bounds both phases
     if value_steps is not None:
         config.value_steps = value_steps
     if batch_size is not None:

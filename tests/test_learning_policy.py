@@ -81,8 +81,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, sharp_tiny: str, one_t
             algorithm=f"ilql-{level}", steps=0, value_steps=200, ilql=ILQLConfig(level=level), **common
         )
         out[level] = train(config, data, out_dir=root / level, init_from=bc, progress=False)
-    awr = TrainConfig(algorithm="critic-awr", steps=60, **common)
-    awr.critic.steps, awr.critic.lr = 200, 1e-2
+    awr = TrainConfig(algorithm="critic-awr", **common)
+    awr.critic.steps, awr.critic.lr, awr.critic.actor_steps = 200, 1e-2, 60
     out["critic-awr"] = train(awr, data, out_dir=root / "critic-awr", init_from=bc, progress=False)
     return out
 
@@ -102,6 +102,19 @@ def test_critic_awr_distils_the_rare_rewarded_reply_into_the_actor(
         assert awr.respond_batch([HISTORY])[0] == RARE
     finally:
         awr.close()
+
+
+def test_critic_awr_from_the_base_model_imitates_first_then_trains_the_actor(tmp_path: Path, sharp_tiny: str) -> None:
+    """The benchmarked recipe in one call: BC steps, then the critic-weighted actor from that adapter; the warm-up
+    checkpoint is a temporary that does not outlive the run."""
+    config = TrainConfig(algorithm="critic-awr", steps=6, base_model=sharp_tiny, batch_size=8, lr=1e-2)
+    config.critic.steps, config.critic.actor_steps = 20, 4
+    out = train(config, rare_reward_dialogues(), out_dir=tmp_path / "awr", progress=False)
+    manifest = load_manifest(out)
+    assert manifest["algorithm"] == "critic-awr"
+    assert manifest["metrics"]["bc_warmup_steps"] == 6 and manifest["metrics"]["policy_steps"] == 4
+    assert manifest["metrics"]["train_seconds"] >= manifest["metrics"]["bc_warmup_seconds"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["awr"]
 
 
 def test_ilql_decoding_picks_the_rare_rewarded_reply_that_bc_does_not(

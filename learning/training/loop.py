@@ -21,6 +21,7 @@ Entry points: :func:`train` (library / subprocess, re-exported by ``learning.tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -116,11 +117,58 @@ def train(
 ) -> Path:
     """Train ``config.algorithm`` on ``dialogues`` and write a checkpoint to ``out_dir``; returns its path.
 
-    ``init_from`` continues from an existing checkpoint's adapter (same base model). An interrupted run with
-    the same configuration resumes from its last periodic save. Raises :class:`DatasetError` on unusable data
-    and :class:`TrainingError` / :class:`~learning.checkpoint.CheckpointError` on bad configuration.
+    ``init_from`` continues from an existing checkpoint's adapter (same base model). critic-awr from the base
+    model imitates first (``config.steps`` BC steps, into ``.<out>.bc`` next to ``out_dir``) and then trains the
+    critic-weighted actor from that adapter (``config.critic.actor_steps``); from ``init_from`` it runs the actor
+    steps alone. An interrupted run with the same configuration resumes from its last periodic save. Raises
+    :class:`DatasetError` on unusable data and :class:`TrainingError` / :class:`~learning.checkpoint.CheckpointError`
+    on bad configuration.
     """
     out_dir = Path(out_dir)
+    if not config.uses_critic:
+        return _train(config, dialogues, out_dir=out_dir, init_from=init_from, progress=progress, task=task)
+    if init_from is not None:
+        actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0)
+        return _train(actor, dialogues, out_dir=out_dir, init_from=init_from, progress=progress, task=task)
+    warm = out_dir.parent / f".{out_dir.name}.bc"
+    # Both phases read the same frozen-layer states: computed once (a temporary cache unless one is configured).
+    features = out_dir.parent / f".{out_dir.name}.features"
+    shared = {"feature_cache_dir": config.feature_cache_dir or str(features)}
+    if not _finished(warm):
+        bc = dataclasses.replace(config, algorithm="bc", **shared)
+        _train(bc, dialogues, out_dir=warm, progress=progress, task=task)
+    warm_metrics = load_manifest(warm)["metrics"]
+    prior = {"bc_warmup_steps": warm_metrics["policy_steps"], "bc_warmup_seconds": warm_metrics["train_seconds"]}
+    actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0, **shared)
+    if config.time_limit_minutes:  # one limit for both phases
+        actor.time_limit_minutes = max(config.time_limit_minutes - prior["bc_warmup_seconds"] / 60, 0.1)
+    path = _train(actor, dialogues, out_dir=out_dir, init_from=warm, progress=progress, task=task, prior=prior)
+    shutil.rmtree(warm, ignore_errors=True)
+    shutil.rmtree(features, ignore_errors=True)
+    return path
+
+
+def _finished(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete, intact checkpoint (a warm-up phase that need not run again)."""
+    try:
+        verify_checkpoint(directory)
+    except Exception:  # missing, partial or corrupt: train it (again)
+        return False
+    return True
+
+
+def _train(
+    config: TrainConfig,
+    dialogues: Sequence[DialogueRecord],
+    *,
+    out_dir: Path,
+    init_from: Path | None = None,
+    progress: bool = True,
+    task: TaskSpec | None = None,
+    prior: dict[str, Any] | None = None,
+) -> Path:
+    """One training run of ``config`` (see :func:`train`); ``prior`` metrics of an earlier phase go into its
+    manifest, and their seconds into ``train_seconds``."""
     task = task or load_task(config.task)
     seed_everything(config.seed)
     clock = Clock(config.time_limit_minutes)
@@ -273,7 +321,8 @@ def train(
         return_range=list(returns),
         frozen_layers=split,
         held_out_dialogues=len(held_items),
-        train_seconds=round(time.monotonic() - clock.start, 1),
+        train_seconds=round(time.monotonic() - clock.start + (prior or {}).get("bc_warmup_seconds", 0.0), 1),
+        **(prior or {}),
     )
     if heads is not None:
         metrics["heads_parameters"] = heads.parameter_count()
