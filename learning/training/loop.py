@@ -127,19 +127,18 @@ def train(
     out_dir = Path(out_dir)
     if not config.uses_critic:
         return _train(config, dialogues, out_dir=out_dir, init_from=init_from, progress=progress, task=task)
+    actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0)
     if init_from is not None:
-        actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0)
         return _train(actor, dialogues, out_dir=out_dir, init_from=init_from, progress=progress, task=task)
     warm = out_dir.parent / f".{out_dir.name}.bc"
     # Both phases read the same frozen-layer states: computed once (a temporary cache unless one is configured).
     features = out_dir.parent / f".{out_dir.name}.features"
-    shared = {"feature_cache_dir": config.feature_cache_dir or str(features)}
+    actor.feature_cache_dir = config.feature_cache_dir or str(features)
     if not _finished(warm):
-        bc = dataclasses.replace(config, algorithm="bc", **shared)
-        _train(bc, dialogues, out_dir=warm, progress=progress, task=task)
+        bc = dataclasses.replace(config, algorithm="bc", feature_cache_dir=actor.feature_cache_dir)
+        _train(bc, dialogues, out_dir=warm, progress=progress, task=task, require_reward=True)  # the actor's data
     warm_metrics = load_manifest(warm)["metrics"]
     prior = {"bc_warmup_steps": warm_metrics["policy_steps"], "bc_warmup_seconds": warm_metrics["train_seconds"]}
-    actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0, **shared)
     if config.time_limit_minutes:  # one limit for both phases
         actor.time_limit_minutes = max(config.time_limit_minutes - prior["bc_warmup_seconds"] / 60, 0.1)
     path = _train(actor, dialogues, out_dir=out_dir, init_from=warm, progress=progress, task=task, prior=prior)
@@ -166,9 +165,11 @@ def _train(
     progress: bool = True,
     task: TaskSpec | None = None,
     prior: dict[str, Any] | None = None,
+    require_reward: bool | None = None,
 ) -> Path:
     """One training run of ``config`` (see :func:`train`); ``prior`` metrics of an earlier phase go into its
-    manifest, and their seconds into ``train_seconds``."""
+    manifest, and their seconds into ``train_seconds``; ``require_reward`` overrides the algorithm's need for
+    rewarded dialogues (critic-awr's imitation phase trains on exactly the actor's data)."""
     task = task or load_task(config.task)
     seed_everything(config.seed)
     clock = Clock(config.time_limit_minutes)
@@ -181,7 +182,7 @@ def _train(
     )
     tokenizer = base.tokenizer
     encoding = EncodingConfig(max_length=config.max_length, thumbs_weight=config.thumbs_weight)
-    needs_reward = config.algorithm != "bc"
+    needs_reward = config.algorithm != "bc" if require_reward is None else require_reward
     min_reward = config.fbc_min_reward if config.algorithm == "fbc" else None
     encoded, summary = encode_records(
         dialogues, tokenizer, task, config=encoding, require_reward=needs_reward, min_reward=min_reward
