@@ -43,7 +43,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,10 +273,8 @@ async def _cycle(
         raise AssertionError(
             f"cycle {cycle}: the run trained on conversations of {forgetter}, who asked to be forgotten"
         )
-    return CycleResult(
-        cycle=cycle,
-        users_success=users_success,
-        eval_success=eval_success,
+    return replace(
+        measured,
         promoted=run is not None and run.status == "succeeded",
         active_version=runtime.policies.version_id,
         minutes=(time.perf_counter() - started) / 60,

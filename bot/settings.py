@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     improve_imagined: int | None = Field(
         default=None,
         ge=0,
-        description="Fresh imagined dialogues per run (None: by source, bot.imagination.default_imagined_per_run).",
+        description="Fresh imagined dialogues per run (None: by source, bot.imagination.IMAGINED_PER_RUN).",
     )
     improve_imagined_pool: int = Field(
         default=4800, ge=1, description="Imagined dialogues a run trains on at most: the newest (bounds training time)."
