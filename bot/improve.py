@@ -181,7 +181,9 @@ class ImprovementLoop:
     """Runs improvement runs and serves the admin commands (implements :class:`bot.events.Improver`).
 
     ``load_policy(path_or_"base", version_id)`` loads a policy for serving (blocking; run in a worker thread);
-    without a ``holder`` (the CLI) nothing is served and nothing is swapped.
+    without a ``holder`` (the CLI) nothing is served and nothing is swapped. ``serving_quiet(seconds)`` says
+    whether serving has handled nothing for that long: the run's children are then lent the serving CPUs
+    (``IMPROVE_LEND_CPUS_AFTER_S``; :func:`bot.subprocesses.run_step`).
     """
 
     def __init__(
@@ -192,18 +194,28 @@ class ImprovementLoop:
         task: TaskSpec,
         holder: PolicyHolder | None = None,
         load_policy: Callable[[str, int | None], Policy] | None = None,
+        serving_quiet: Callable[[float], bool] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.task = task
         self.holder = holder
         self.load_policy = load_policy
+        self.serving_quiet = serving_quiet
         redaction.protect(settings)  # run records and step logs must not carry the secrets children get
         self.lock = TrainerLock(store.database)
         self._task: asyncio.Task[TrainingRun | None] | None = None
         self.next_run_time: Callable[[], Any] | None = None  # set by the server when a schedule exists
         #: Called with each step's name as it starts (the CLI shows it); must not block.
         self.on_step: Callable[[str], None] = lambda step: None
+
+    def _lend_when(self) -> Callable[[], bool] | None:
+        """When a child may have the serving CPUs too: serving quiet for ``IMPROVE_LEND_CPUS_AFTER_S``."""
+        after = self.settings.improve_lend_cpus_after_s
+        quiet = self.serving_quiet
+        if quiet is None or after is None:
+            return None
+        return lambda: quiet(after)
 
     # --- the Improver protocol -------------------------------------------------------------------------
 
@@ -474,7 +486,14 @@ class ImprovementLoop:
         ``source="imagined"``."""
         s = self.settings
         command = _flags("imagine", task=self.task.name, n=count, backend=backend, seed=run.id)
-        await _step("imagine", command, log_path=run_dir / "imagine.log", time_limit_s=time_limit_s, env=s.as_env())
+        await _step(
+            "imagine",
+            command,
+            log_path=run_dir / "imagine.log",
+            time_limit_s=time_limit_s,
+            env=s.as_env(),
+            lend_when=self._lend_when(),
+        )
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
         """The newest ``IMPROVE_IMAGINED_POOL`` imagined dialogues of the task plus real ones rewarded since the last
@@ -521,7 +540,14 @@ class ImprovementLoop:
 
         job = await asyncio.to_thread(write)
         command = reverie_command("train", "--job", str(job), "--out", str(candidate_dir))
-        await _step("train", command, log_path=run_dir / "train.log", time_limit_s=time_limit_s, env=s.as_env())
+        await _step(
+            "train",
+            command,
+            log_path=run_dir / "train.log",
+            time_limit_s=time_limit_s,
+            env=s.as_env(),
+            lend_when=self._lend_when(),
+        )
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
@@ -541,7 +567,14 @@ class ImprovementLoop:
             base_model=s.base_model,
         )
         command = reverie_command("eval", "--job", str(write_job(job, run_dir / EVAL_JOB)), "--out", str(out))
-        await _step("evaluate", command, log_path=run_dir / "evaluate.log", time_limit_s=time_limit_s, env=s.as_env())
+        await _step(
+            "evaluate",
+            command,
+            log_path=run_dir / "evaluate.log",
+            time_limit_s=time_limit_s,
+            env=s.as_env(),
+            lend_when=self._lend_when(),
+        )
         return _gate_inputs(out / "report.json")
 
     async def promote_or_reject(
@@ -678,6 +711,7 @@ def make_improvement_hook(
             task=runtime.task,
             holder=runtime.policies,
             load_policy=runtime.load_policy,
+            serving_quiet=runtime.service.quiet_for,
         )
         if recovered := await loop.recover_after_crash():
             logger.warning("%d improvement run(s) left unfinished by a previous process marked failed", recovered)
@@ -708,11 +742,19 @@ def make_improvement_hook(
 improvement_hook = make_improvement_hook()
 
 
-async def _step(name: str, command: list[str], *, log_path: Path, time_limit_s: float, env: dict[str, str]) -> None:
+async def _step(
+    name: str,
+    command: list[str],
+    *,
+    log_path: Path,
+    time_limit_s: float,
+    env: dict[str, str],
+    lend_when: Callable[[], bool] | None = None,
+) -> None:
     """:func:`run_step`, with secrets masked in its log and in the error it raises (a child can print a
     traceback before its own logging is set up, and the error's log tail ends up in the run record)."""
     try:
-        await run_step(name, command, log_path=log_path, time_limit_s=time_limit_s, env=env)
+        await run_step(name, command, log_path=log_path, time_limit_s=time_limit_s, env=env, lend_when=lend_when)
     except StepFailedError as error:
         raise StepFailedError(redaction.redact(str(error))) from None
     finally:

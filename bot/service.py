@@ -110,6 +110,10 @@ class DialogueService:
         """Every command, for ``setMyCommands`` / ``app_commands`` (admin ones flagged)."""
         return list(COMMANDS)
 
+    def quiet_for(self, seconds: float) -> bool:
+        """Whether no message, command or click has been handled, nor is being, for the last ``seconds``."""
+        return self._in_flight.quiet_for(seconds)
+
     async def handle_message(self, chat: ChatRef, text: str) -> list[Reply]:
         """A user's message: log it, ask the policy, log and return the reply (opening a conversation if needed)."""
         if self._closing:

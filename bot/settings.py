@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     )
     improve_margin: float = Field(default=0.02, ge=0.0, description="Promote unless worse by more than this.")
     improve_from: Literal["active", "base"] = "active"
+    improve_lend_cpus_after_s: float | None = Field(
+        default=30.0,
+        ge=0.0,
+        description="Lend a run's confined children every CPU once no chat was handled for this long (None: never).",
+    )
     keep_versions: int = Field(default=5, ge=1, description="Policy versions kept for rollback.")
 
     log_level: str = "INFO"
@@ -105,6 +110,7 @@ class Settings(BaseSettings):
         "beta",
         "improve_value_steps",
         "improve_imagined",
+        "improve_lend_cpus_after_s",
         mode="before",
     )
     @classmethod

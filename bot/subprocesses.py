@@ -8,6 +8,12 @@ child whose OpenMP pool spans every core makes the serving thread share its core
 2 cores, p50 reply latency rose ~40 % during an improvement run). So a low-priority step is also *confined*:
 its CPU affinity is the CPUs serving does not use (:func:`training_cpus`; inherited by its own children) and
 its thread pools are sized to them (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``), so serving keeps its cores.
+
+Confinement costs a training run half of a 2-core machine even while nobody chats, which is most of the time:
+given ``lend_when`` (serving has been quiet a while), :func:`run_step` *lends* the child every CPU while it
+holds and takes the serving CPUs back the moment it stops holding (affinity of every thread of the child's
+process tree, :func:`set_process_cpus`); the child resizes its thread pools to what it is lent between steps
+(:func:`learning.cpus.follow_cpu_affinity`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+
+from learning.cpus import ELASTIC_CPUS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,45 @@ def confinement_env(cpus: Collection[int]) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "REVERIE_CHILD_CPUS": ",".join(map(str, cpus))}
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``/proc/PID/task/TID/children``; just ``pid`` where that is not available)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                pending.extend(int(child) for child in children.read_text().split())
+    return found
+
+
+def set_process_cpus(pid: int, cpus: Collection[int]) -> int:
+    """Move every thread of ``pid`` and of its descendants onto ``cpus`` (Linux: affinity is per thread, and a
+    running child's thread pools were started with the old one). Returns how many threads moved."""
+    moved = 0
+    for process in _tree(pid):
+        tids = [int(t.name) for t in Path(f"/proc/{process}/task").glob("*") if t.name.isdigit()] or [process]
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, set(cpus))
+                moved += 1
+    return moved
+
+
+async def _lend_cpus(
+    pid: int, confined: Collection[int], lent: Collection[int], lend_when: Callable[[], bool], interval_s: float
+) -> None:
+    """While the child runs: every CPU in ``lent`` while ``lend_when()`` holds, ``confined`` as soon as it does not."""
+    current = set(confined)
+    while True:
+        wanted = set(lent) if lend_when() else set(confined)
+        if wanted != current:
+            set_process_cpus(pid, wanted)
+            logger.info("child %d now runs on cpus %s", pid, ",".join(map(str, sorted(wanted))))
+            current = wanted
+        await asyncio.sleep(interval_s)
+
+
 def _prepare_child(low_priority: bool, cpus: Collection[int] | None = None) -> None:
     """Runs in the child before exec: die with the parent (Linux), yield the CPU to chats, keep to ``cpus``."""
     with contextlib.suppress(OSError, AttributeError):
@@ -117,16 +164,22 @@ async def run_step(
     low_priority: bool = True,
     grace_s: float = 10.0,
     cpus: Collection[int] | None = None,
+    lend_when: Callable[[], bool] | None = None,
+    lend_check_s: float = 0.25,
 ) -> None:
     """Run ``command`` to completion, logging to ``log_path``; raise :class:`StepFailedError` on failure.
 
     A ``low_priority`` step is niced and confined to ``cpus`` (default :func:`training_cpus`) with thread pools
-    of that size; ``env`` may still set the pool sizes itself. Cancellation (or the time limit) terminates the
-    child's whole process group, SIGTERM then SIGKILL.
+    of that size; ``env`` may still set the pool sizes itself. With ``lend_when`` a confined child is lent every
+    CPU while ``lend_when()`` holds (checked every ``lend_check_s``) and resizes its pools to follow.
+    Cancellation (or the time limit) terminates the child's whole process group, SIGTERM then SIGKILL.
     """
     if cpus is None and low_priority:
         cpus = training_cpus()
     confined = confinement_env(cpus) if cpus else {}
+    lending = bool(cpus) and lend_when is not None and set(_available_cpus()) != set(cpus or ())
+    if lending:
+        confined[ELASTIC_CPUS_ENV] = "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
@@ -140,6 +193,11 @@ async def run_step(
             preexec_fn=functools.partial(_prepare_child, low_priority, list(cpus) if cpus else None),
         )
         logger.info("step %s started (pid %d, cpus %s)", name, process.pid, ",".join(map(str, cpus or [])) or "all")
+        lender = None
+        if lending and cpus and lend_when is not None:
+            lender = asyncio.create_task(
+                _lend_cpus(process.pid, cpus, _available_cpus(), lend_when, lend_check_s), name=f"{name}-cpus"
+            )
         try:
             returncode = await asyncio.wait_for(process.wait(), time_limit_s)
         except TimeoutError:
@@ -148,5 +206,8 @@ async def run_step(
         except asyncio.CancelledError:
             await asyncio.shield(_terminate_group(process, grace_s))
             raise
+        finally:
+            if lender is not None:
+                lender.cancel()
     if returncode != 0:
         raise StepFailedError(f"{name} failed (exit {returncode}):\n{_log_tail(log_path)}")

@@ -44,6 +44,7 @@ from imagine.simulated import (
     stable_rng,
 )
 from imagine.task import TaskSpec
+from learning.cpus import follow_cpu_affinity
 from learning.interface import Message, Policy
 from storage import Store
 from storage.rewards import is_success
@@ -535,6 +536,11 @@ def _record_turn(
     return still_open
 
 
+def _respond_following_cpus(policy: Policy, histories: Sequence[Sequence[Message]], seed: int) -> list[str]:
+    follow_cpu_affinity()  # in the thread that decodes: thread pools are sized per thread
+    return policy.respond_batch(histories, seed=seed)
+
+
 async def _respond_in_chunks(
     policy: Policy, histories: Sequence[Sequence[Message]], seed: int, batch_size: int
 ) -> list[str]:
@@ -542,7 +548,7 @@ async def _respond_in_chunks(
     for start in range(0, len(histories), max(1, batch_size)):
         chunk = histories[start : start + max(1, batch_size)]
         # respond_batch blocks (model inference): keep the event loop free for LLM users and the bot.
-        chunk_replies = await asyncio.to_thread(policy.respond_batch, chunk, seed=seed + start)
+        chunk_replies = await asyncio.to_thread(_respond_following_cpus, policy, chunk, seed + start)
         if len(chunk_replies) != len(chunk):
             raise RuntimeError(f"respond_batch returned {len(chunk_replies)} replies for {len(chunk)} histories")
         replies.extend(str(reply) for reply in chunk_replies)

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from learning.cpus import follow_cpu_affinity
 from learning.lora import trunk
 
 
@@ -234,6 +235,7 @@ class LowerStates:
         task_id = progress.add_task("frozen layers", total=len(order), terms="") if progress else None
         start = 0
         while start < len(order):
+            follow_cpu_affinity()
             # as many sequences as fit into batch_tokens at the width of the longest (last) one
             end = start + 1
             while end < len(order) and (end - start + 1) * (len(sequences[order[end]]) - length) <= batch_tokens:

@@ -107,3 +107,89 @@ async def test_a_low_priority_step_keeps_off_the_serving_cpus(tmp_path: Path) ->
     await run_step("free", [sys.executable, "-c", script], log_path=log, time_limit_s=30, low_priority=False)
     assert log.read_text().split("\n")[1].startswith(f"{available} ")
     assert training_cpus(serving=len(available) + 3) == available[:1]  # a child always gets one CPU
+
+
+_TWO_CPUS = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs"
+)
+
+# A child with a second thread that reports, every 50 ms, how many CPUs its main thread and its worker thread may
+# use, and how big its torch pool is after following its affinity (as a training loop does between steps).
+_LENT_CHILD = """
+import os, sys, threading, time
+import torch
+from learning.cpus import follow_cpu_affinity
+worker = {}
+def spin():
+    while True:
+        worker["cpus"] = len(os.sched_getaffinity(0))
+        time.sleep(0.01)
+threading.Thread(target=spin, daemon=True).start()
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    follow_cpu_affinity()
+    print(len(os.sched_getaffinity(0)), worker.get("cpus"), torch.get_num_threads(), flush=True)
+    time.sleep(0.05)
+"""
+
+
+@_TWO_CPUS
+async def test_a_confined_child_is_lent_the_serving_cpus_while_serving_is_quiet(tmp_path: Path) -> None:
+    """While ``lend_when`` holds the child's every thread may use every CPU and its torch pool grows to match;
+    the serving CPUs are taken back as soon as it stops holding (a chat arrived)."""
+    from bot.subprocesses import training_cpus
+
+    available = sorted(os.sched_getaffinity(0))
+    cpus = training_cpus(serving=1)
+    assert cpus is not None and len(cpus) < len(available)
+    quiet = {"now": False}
+    log = tmp_path / "lent.log"
+    step = asyncio.create_task(
+        run_step(
+            "lent",
+            [sys.executable, "-c", _LENT_CHILD, "6"],
+            log_path=log,
+            time_limit_s=60,
+            cpus=cpus,
+            lend_when=lambda: quiet["now"],
+            lend_check_s=0.05,
+        )
+    )
+
+    async def wait_for_line(expected: str) -> None:
+        for _ in range(200):
+            lines = log.read_text().splitlines() if log.exists() else []
+            if lines and lines[-1] == expected:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"never printed {expected!r}; last lines: {lines[-3:]}")
+
+    confined = f"{len(cpus)} {len(cpus)} {len(cpus)}"
+    lent = f"{len(available)} {len(available)} {len(available)}"
+    await wait_for_line(confined)
+    quiet["now"] = True
+    await wait_for_line(lent)
+    quiet["now"] = False  # a chat: the serving CPUs come back at once
+    await wait_for_line(confined)
+    await step
+
+
+async def test_without_the_flag_a_process_keeps_its_pool(tmp_path: Path) -> None:
+    """Only a child started to be lent CPUs follows its affinity: a user's or a benchmark's pool size stays."""
+    from learning.cpus import ELASTIC_CPUS_ENV, follow_cpu_affinity
+
+    assert os.environ.get(ELASTIC_CPUS_ENV) is None
+    assert follow_cpu_affinity() is None
+
+
+def test_serving_is_quiet_only_when_nothing_was_in_flight_for_a_while() -> None:
+    from bot.inflight import InFlight
+
+    in_flight = InFlight()
+    start = in_flight.last_activity
+    assert not in_flight.quiet_for(30, now=start + 10)
+    assert in_flight.quiet_for(30, now=start + 31)
+    with in_flight.track():
+        assert not in_flight.quiet_for(0)  # a reply being written is activity, however long it takes
+    assert not in_flight.quiet_for(30, now=in_flight.last_activity + 29)
+    assert in_flight.quiet_for(30, now=in_flight.last_activity + 30)

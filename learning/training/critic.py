@@ -40,6 +40,7 @@ from peft import inject_adapter_in_model
 from rich.progress import Progress
 from torch import nn
 
+from learning.cpus import follow_cpu_affinity
 from learning.dataset import EncodedDialogue, MixingSampler
 from learning.ilql import ScalarHead
 from learning.lora import lora_config
@@ -235,6 +236,7 @@ def turn_features(
     states, replies, returns, first_rows = [], [], [], []
     rows = 0
     for start in range(0, len(items), batch_size):
+        follow_cpu_affinity()
         indices = list(range(start, min(start + batch_size, len(items))))
         hidden = hidden_of(indices).float()
         for row, index in enumerate(indices):

@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from imagine.task import TaskSpec, load_task
 from learning.base_model import load_base_model
 from learning.checkpoint import HEADS_FILE, check_base_model, load_manifest, verify_checkpoint
+from learning.cpus import follow_cpu_affinity
 from learning.dataset import (
     DatasetError,
     EncodedDialogue,
@@ -394,6 +395,7 @@ def _policy_stage(
     curve: list[dict[str, float]] = metrics.setdefault("held_out_curve", [])
     interrupted = False
     while state["step"] < config.steps:
+        follow_cpu_affinity()
         terms: dict[str, float] = {}
         for _ in range(config.grad_accum):
             indices = next(batches)
@@ -485,6 +487,7 @@ def _value_stage(
     started, seen = time.monotonic(), 0
     interrupted = False
     while state["value_step"] < config.value_steps:
+        follow_cpu_affinity()
         rows = torch.multinomial(table.weights, config.value_batch_size, replacement=True, generator=generator)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=value_bf16):
             result = value_step_loss(heads, table, rows, run.embedding, run.returns)
