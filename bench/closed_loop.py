@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -147,7 +148,11 @@ async def run_arm(
     task = load_task(args.task)
     scripted_task(args.task)  # fails early for a task without scripted users
     results: list[CycleResult] = []
-    with tempfile.TemporaryDirectory(prefix=f"reverie-closed-loop-{label}-") as tmp:
+    keep = args.keep_data / label if args.keep_data else None
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=False)  # a fresh data directory, as the loop starts from nothing
+    data_dir = contextlib.nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory(prefix=f"reverie-cl-{label}-")
+    with data_dir as tmp:
         async with FakeTelegramServer() as server:
             values: dict[str, Any] = {
                 "data_dir": Path(tmp),
@@ -401,6 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablation", action="store_true", help="Repeat with real conversations left out (ratio 0).")
     parser.add_argument("--quick", action="store_true", help="Tiny model, 2 cycles of 6 users: checks the plumbing.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--keep-data",
+        type=Path,
+        default=None,
+        help="Keep each arm's data directory (database, runs, checkpoints) under this new directory.",
+    )
     parser.add_argument("--no-write", action="store_true", help="Do not append to BENCHMARKS.md.")
     parser.add_argument(
         "--write-from",
