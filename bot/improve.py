@@ -209,6 +209,19 @@ class ImprovementLoop:
         #: Called with each step's name as it starts (the CLI shows it); must not block.
         self.on_step: Callable[[str], None] = lambda step: None
 
+    async def _child(self, name: str, command: list[str], run_dir: Path, time_limit_s: float) -> None:
+        """Run step ``name`` as a child (log ``<run_dir>/<name>.log``, the settings as its environment), lent the
+        serving CPUs while serving is quiet."""
+        log_path = run_dir / f"{name}.log"
+        await _step(
+            name,
+            command,
+            log_path=log_path,
+            time_limit_s=time_limit_s,
+            env=self.settings.as_env(),
+            lend_when=self._lend_when(),
+        )
+
     def _lend_when(self) -> Callable[[], bool] | None:
         """When a child may have the serving CPUs too: serving quiet for ``IMPROVE_LEND_CPUS_AFTER_S``."""
         after = self.settings.improve_lend_cpus_after_s
@@ -484,16 +497,8 @@ class ImprovementLoop:
     async def _imagine(self, run: TrainingRun, run_dir: Path, backend: str, count: int, time_limit_s: float) -> None:
         """``count`` fresh imagined dialogues of the task from ``backend``; they land in the database as
         ``source="imagined"``."""
-        s = self.settings
         command = _flags("imagine", task=self.task.name, n=count, backend=backend, seed=run.id)
-        await _step(
-            "imagine",
-            command,
-            log_path=run_dir / "imagine.log",
-            time_limit_s=time_limit_s,
-            env=s.as_env(),
-            lend_when=self._lend_when(),
-        )
+        await self._child("imagine", command, run_dir, time_limit_s)
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
         """The newest ``IMPROVE_IMAGINED_POOL`` imagined dialogues of the task plus real ones rewarded since the last
@@ -540,14 +545,7 @@ class ImprovementLoop:
 
         job = await asyncio.to_thread(write)
         command = reverie_command("train", "--job", str(job), "--out", str(candidate_dir))
-        await _step(
-            "train",
-            command,
-            log_path=run_dir / "train.log",
-            time_limit_s=time_limit_s,
-            env=s.as_env(),
-            lend_when=self._lend_when(),
-        )
+        await self._child("train", command, run_dir, time_limit_s)
 
     async def _evaluate(
         self, run: TrainingRun, candidate_dir: Path, active: PolicyVersion | None, run_dir: Path, time_limit_s: float
@@ -567,14 +565,7 @@ class ImprovementLoop:
             base_model=s.base_model,
         )
         command = reverie_command("eval", "--job", str(write_job(job, run_dir / EVAL_JOB)), "--out", str(out))
-        await _step(
-            "evaluate",
-            command,
-            log_path=run_dir / "evaluate.log",
-            time_limit_s=time_limit_s,
-            env=s.as_env(),
-            lend_when=self._lend_when(),
-        )
+        await self._child("evaluate", command, run_dir, time_limit_s)
         return _gate_inputs(out / "report.json")
 
     async def promote_or_reject(
