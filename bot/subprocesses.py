@@ -177,8 +177,9 @@ async def run_step(
     if cpus is None and low_priority:
         cpus = training_cpus()
     confined = confinement_env(cpus) if cpus else {}
-    lending = bool(cpus) and lend_when is not None and set(_available_cpus()) != set(cpus or ())
-    if lending:
+    available = _available_cpus()
+    lend = lend_when if cpus and set(available) != set(cpus) else None  # nothing to lend to an unconfined child
+    if lend is not None:
         confined[ELASTIC_CPUS_ENV] = "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
@@ -194,9 +195,9 @@ async def run_step(
         )
         logger.info("step %s started (pid %d, cpus %s)", name, process.pid, ",".join(map(str, cpus or [])) or "all")
         lender = None
-        if lending and cpus and lend_when is not None:
+        if lend is not None and cpus:
             lender = asyncio.create_task(
-                _lend_cpus(process.pid, cpus, _available_cpus(), lend_when, lend_check_s), name=f"{name}-cpus"
+                _lend_cpus(process.pid, cpus, available, lend, lend_check_s), name=f"{name}-cpus"
             )
         try:
             returncode = await asyncio.wait_for(process.wait(), time_limit_s)

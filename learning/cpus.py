@@ -26,20 +26,20 @@ CHECK_INTERVAL_S = 0.5
 _checked = threading.local()  # the pool sizes are per thread, and so is the rate limit
 
 
-def follow_cpu_affinity(*, now: float | None = None) -> int | None:
+def follow_cpu_affinity() -> int | None:
     """Resize torch's thread pool to the CPUs this process may run on now; returns the new size when it
     changed, else ``None``. A no-op unless :data:`ELASTIC_CPUS_ENV` is set, and at most once per
     :data:`CHECK_INTERVAL_S`. Call it from the thread that computes, between steps."""
     if os.environ.get(ELASTIC_CPUS_ENV) != "1" or not hasattr(os, "sched_getaffinity"):
         return None
-    moment = time.monotonic() if now is None else now
+    moment = time.monotonic()
     if moment - getattr(_checked, "at", float("-inf")) < CHECK_INTERVAL_S:
         return None
     _checked.at = moment
     import torch
 
     allowed = len(os.sched_getaffinity(0))
-    if allowed < 1 or allowed == torch.get_num_threads():
+    if allowed == torch.get_num_threads():
         return None
     torch.set_num_threads(allowed)
     return allowed
