@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from bot.cli import app
+from imagine.simulated import generate_scripted_dialogues
 from imagine.task import load_task
 from learning.base_model import tiny_model
 from learning.checkpoint import load_manifest, save_checkpoint
@@ -115,6 +116,33 @@ def test_critic_awr_from_the_base_model_imitates_first_then_trains_the_actor(tmp
     assert manifest["metrics"]["bc_warmup_steps"] == 6 and manifest["metrics"]["policy_steps"] == 4
     assert manifest["metrics"]["train_seconds"] >= manifest["metrics"]["bc_warmup_seconds"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["awr"]
+
+
+def test_imitation_stops_once_the_probe_fits_but_the_actor_runs_its_steps(tmp_path: Path, sharp_tiny: str) -> None:
+    """The imitation phase's length follows the task probe: with a target every probe meets, it stops at its first
+    held-out evaluation (and keeps those weights); the critic-weighted actor after it still runs all its steps."""
+    data = generate_scripted_dialogues("travel", 100, seed=3)
+    config = TrainConfig(
+        algorithm="critic-awr",
+        steps=12,
+        eval_every=3,
+        held_out=0.3,
+        fit_target=0.0,
+        base_model=sharp_tiny,
+        batch_size=8,
+    )
+    config.critic.steps, config.critic.actor_steps = 10, 5
+    metrics = load_manifest(train(config, data, out_dir=tmp_path / "awr", progress=False))["metrics"]
+    assert metrics["bc_warmup_steps"] == 3
+    assert metrics["policy_steps"] == 5 and not metrics["stopped_at_fit_target"]
+    unreachable = TrainConfig(
+        algorithm="bc", steps=6, eval_every=3, held_out=0.3, fit_target=1.01, base_model=sharp_tiny
+    )
+    bc = load_manifest(train(unreachable, data, out_dir=tmp_path / "bc", progress=False))["metrics"]
+    assert bc["policy_steps"] == 6 and not bc["stopped_at_fit_target"]
+    assert [point["step"] for point in bc["held_out_curve"]] == [3, 6] and "fit_at_full_knowledge" in bc[
+        "held_out_curve"
+    ][0]
 
 
 def test_ilql_decoding_picks_the_rare_rewarded_reply_that_bc_does_not(

@@ -34,8 +34,12 @@ class TrainConfig:
     base_model: str = "smollm2"
     #: Where converted base models are kept (None: the default cache).
     cache_dir: str | None = None
-    #: Policy-stage optimizer steps at most (early stopping may end sooner).
-    steps: int = 400
+    #: Policy-stage optimizer steps at most: the learning-rate schedule's length; early stopping on the held-out
+    #: loss or the task probe (``fit_target``) may end sooner. Measured on travel (2400 scripted dialogues, seed 11,
+    #: lr 3e-3): a 400-step schedule ended at probe fit 54 %; a 700-step one passed 88 % at step 450 and 96 % at 550 —
+    #: the answers → activity mapping is learned late and at a varying step, so the cap is generous and the probe
+    #: decides.
+    steps: int = 700
     #: ILQL value-stage optimizer steps, on cached features.
     value_steps: int = 1500
     #: Dialogues per optimizer step (per micro-batch with grad_accum).
@@ -86,6 +90,10 @@ class TrainConfig:
     patience: int = 3
     #: Held-out states at which the policy's greedy reply is checked against the task (scripted tasks only).
     probe_states: int = 24
+    #: Plain imitation (bc and fbc, so critic-awr's imitation phase too) stops once the greedy reply fits the task
+    #: at this share of the probe states (None: never): the task is learned, further steps only cost time. Runs
+    #: with another objective (critic-awr's actor, ILQL) ignore it: their job goes beyond what imitation fits.
+    fit_target: float | None = 0.9
     #: Seed of sampling, held-out split and initialisation.
     seed: int = 0
     #: bf16 autocast (None: on CUDA only; on this CPU fp32 matmuls measured faster than bf16).

@@ -397,6 +397,8 @@ def _policy_stage(
     )
     tokens, started = 0, time.monotonic()
     stopper = EarlyStopping(config.patience, lora_params)
+    fit_target = config.fit_target if config.algorithm in ("bc", "fbc") else None
+    learned = False
     curve: list[dict[str, float]] = metrics.setdefault("held_out_curve", [])
     interrupted = False
     while state["step"] < config.steps:
@@ -446,6 +448,11 @@ def _policy_stage(
             if stopper.update(point["objective"], state["step"]):
                 logger.info("early stop at step %d: held-out loss rose %d times", state["step"], config.patience)
                 done = True
+            elif fit_target is not None and (fit := point.get("fit_at_full_knowledge", -1.0)) >= fit_target:
+                logger.info(
+                    "task learned at step %d: greedy replies fit %.0f %% of the probe states", state["step"], 100 * fit
+                )
+                done = learned = True
         bar.update(task_id, advance=1, terms=format_terms(terms, rate))
         if state["step"] % 25 == 0:
             logger.info("policy step %d/%d %s", state["step"], config.steps, format_terms(terms, rate))
@@ -457,7 +464,9 @@ def _policy_stage(
         if run.replicas.any(done):
             break
     bar.remove_task(task_id)
-    if stopper.restore():
+    metrics["stopped_at_fit_target"] = learned
+    # weights that reached the fit target are kept: the probe measured them, the loss's best may fit less
+    if not learned and stopper.restore():
         metrics["best_step"] = stopper.best_step
         metrics["held_out_best"] = stopper.best
     if curve:
