@@ -324,6 +324,7 @@ def plot(summary: dict[str, Any], path: Path, task: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axis = plt.subplots(figsize=(6, 4))
     arms = [("with real", summary["cycles"], "-")]
@@ -333,6 +334,7 @@ def plot(summary: dict[str, Any], path: Path, task: str) -> None:
         x = [c["cycle"] for c in cycles]
         axis.plot(x, [c["users_success"] for c in cycles], style, marker="o", label=f"users, {name}")
         axis.plot(x, [c["eval_success"] for c in cycles], style, marker="s", label=f"held-out, {name}")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # cycles are whole numbers
     axis.set_xlabel("cycle (0 = prompted base model)")
     axis.set_ylabel("success rate")
     axis.set_ylim(0, 1)
