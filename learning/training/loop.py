@@ -140,7 +140,13 @@ def train(
         bc = dataclasses.replace(config, algorithm="bc", feature_cache_dir=actor.feature_cache_dir)
         _train(bc, dialogues, out_dir=warm, progress=progress, task=task, require_reward=True)  # the actor's data
     warm_metrics = load_manifest(warm)["metrics"]
-    prior = {"bc_warmup_steps": warm_metrics["policy_steps"], "bc_warmup_seconds": warm_metrics["train_seconds"]}
+    # the imitation phase's checkpoint is a temporary: what it learned and why it stopped go into the final manifest
+    prior = {
+        "bc_warmup_steps": warm_metrics["policy_steps"],
+        "bc_warmup_seconds": warm_metrics["train_seconds"],
+        "bc_stopped_at_fit_target": warm_metrics.get("stopped_at_fit_target", False),
+        "bc_held_out_curve": warm_metrics.get("held_out_curve", []),
+    }
     if config.time_limit_minutes:  # one limit for both phases
         actor.time_limit_minutes = max(config.time_limit_minutes - prior["bc_warmup_seconds"] / 60, 0.1)
     path = _train(actor, dialogues, out_dir=out_dir, init_from=warm, progress=progress, task=task, prior=prior)
