@@ -184,7 +184,7 @@ def _train(
 
     replicas = Replicas.join(config.device)  # one process, or this one's place in an `accelerate launch` job
     device = replicas.device
-    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda" or amx_available(device)
     base = load_base_model(
         config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None, device=device
     )
@@ -280,7 +280,7 @@ def _train(
     with progress_bar(progress and replicas.is_main) as bar:
         started = time.monotonic()
         # no gradients here, only products over many rows: bf16 wherever it is faster (AMX: 2.4× measured for
-        # this pass on one core), while the trained layers stay as the config says
+        # this pass on one core), even where the config keeps the trained layers in fp32
         frozen_bf16 = bf16 or amx_available(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=frozen_bf16):
             lower = LowerStates.build(
@@ -292,6 +292,7 @@ def _train(
                 progress=bar,
             )
         metrics["frozen_layers_seconds"] = round(time.monotonic() - started, 1)
+        metrics["bf16"] = bf16
         run = _Run(
             config=config,
             task=task,
