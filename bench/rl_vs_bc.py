@@ -62,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base-model", default=None, help="default: smollm2 (tiny with --quick)")
     parser.add_argument("--dialogues", type=int, default=None, help="training dialogues (default 3600; quick 120)")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per policy (200; quick 24)")
-    parser.add_argument("--bc-steps", type=int, default=None, help="BC/FBC steps at most (early stopping)")
+    parser.add_argument(
+        "--bc-steps",
+        type=int,
+        default=None,
+        help="BC/FBC steps at most (default: the trainer's cap; the task probe or held-out loss may stop sooner)",
+    )
     parser.add_argument("--awr-steps", type=int, default=None, help="critic-awr actor steps after BC")
     parser.add_argument("--critic-steps", type=int, default=None)
     parser.add_argument("--value-steps", type=int, default=None, help="token-level ILQL value steps")
@@ -129,7 +134,8 @@ def main() -> None:
         common["probe_states"] = args.probe_states
     if quick:
         common.update(upper_layers=1, batch_size=4, eval_every=10, lr=2e-2)
-    bc_steps = args.bc_steps or (30 if quick else 400)
+    # BC and FBC run as `reverie train` and the improvement loop do unless told how many steps
+    imitation_steps = {"steps": args.bc_steps or 30} if args.bc_steps or quick else {}
     checkpoints: dict[str, Path] = {}
     minutes: dict[str, float] = {}
     failures: dict[str, str] = {}
@@ -154,9 +160,9 @@ def main() -> None:
         checkpoints[name] = out
 
     if any(p in wanted for p in ("bc", "ilql-token", "critic-awr")):
-        run("bc", TrainConfig(algorithm="bc", steps=bc_steps, **common))
+        run("bc", TrainConfig(algorithm="bc", **imitation_steps, **common))
     if "fbc" in wanted:
-        run("fbc", TrainConfig(algorithm="fbc", steps=bc_steps, **common))
+        run("fbc", TrainConfig(algorithm="fbc", **imitation_steps, **common))
     if "critic-awr" in wanted and "bc" in checkpoints:
         config = TrainConfig(algorithm="critic-awr", **common)  # from the BC checkpoint: the actor steps alone
         config.critic.actor_steps = args.awr_steps or (20 if quick else config.critic.actor_steps)

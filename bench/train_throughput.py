@@ -5,9 +5,11 @@ Every row trains on the same batches of scripted travel dialogues, each in its o
 * ``plain LoRA SFT`` — peft LoRA (r=16, attention + MLP) on every layer, ``model(input_ids, labels=…)`` with the
   labels masked to the agent's tokens: the whole model forward and backward, logits at every position;
 * ``plain LoRA SFT, bf16 autocast`` — the same under ``torch.autocast(bfloat16)``;
-* ``ours: top-4 LoRA on cached layers`` — what ``reverie train`` runs: LoRA on the top 4 of 30 layers only, the
-  frozen lower layers' output computed once per dialogue (``learning.split_trunk.LowerStates``), the shared
-  system-prompt prefix computed once per batch, logits only at action tokens;
+* ``ours: top-4 LoRA on cached layers`` — LoRA on the top 4 of 30 layers only, the frozen lower layers' output
+  computed once per dialogue (``learning.split_trunk.LowerStates``), the shared system-prompt prefix computed
+  once per batch, logits only at action tokens, fp32;
+* ``ours, bf16 autocast`` — the same under bf16 autocast: what ``reverie train`` runs on a CPU with AMX tiles
+  (and on CUDA);
 * ``ours: critic step`` — the per-turn critic of ``critic-awr`` (its own upper-layer copy, two scalar heads).
 
 Steady-state rates exclude the one-time lower pass, which is timed separately and then amortised over
@@ -37,6 +39,7 @@ ROWS = {
     "sft": "plain LoRA SFT (HF loss, every layer)",
     "sft-bf16": "plain LoRA SFT, bf16 autocast",
     "ours": "ours: top-4 LoRA on cached layers",
+    "ours-bf16": "ours, bf16 autocast (the trainer's default with AMX)",
     "critic": "ours: critic step (critic-awr)",
 }
 
@@ -44,6 +47,9 @@ ROWS = {
 def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int) -> dict[str, float]:
     """Time ``steps`` training steps (after one warm-up) of one row: dialogues/s, tokens/s, peak RSS."""
     torch.set_num_threads(threads)
+    from learning.devices import amx_available
+
+    amx_available(torch.device("cpu"))  # bf16 rows use AMX tiles where the CPU has them, as the trainer does
     from imagine.simulated import generate_scripted_dialogues
     from imagine.task import load_task
     from learning.base_model import load_base_model
@@ -62,9 +68,9 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
     items, _ = encode_records(records, base.tokenizer, task)
     batches = [list(range(i, i + batch_size)) for i in range(0, batch_size * (steps + 1), batch_size)]
     result: dict[str, float] = {}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.endswith("-bf16"))
     if row.startswith("sft"):
         model = attach_lora(base.model, rank=16, alpha=32, mlp=True)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=row == "sft-bf16")
 
         def step(indices: list[int]) -> int:
             batch = collate([items[i] for i in indices], pad)
@@ -78,7 +84,8 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
         model = attach_lora(base.model, rank=16, alpha=32, mlp=True, upper_layers=4)
         split = frozen_layers(model)
         started = time.perf_counter()
-        lower = LowerStates.build(model, [item.input_ids for item in items], split=split, pad_id=pad)
+        with autocast:
+            lower = LowerStates.build(model, [item.input_ids for item in items], split=split, pad_id=pad)
         result["lower_pass_dialogues_per_s"] = len(items) / (time.perf_counter() - started)
         upper = UpperStack.of(model, split)
         embedding = output_embedding(model).detach()
@@ -91,11 +98,12 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
             if critic is not None:
                 loss, _ = critic_loss(critic, items, indices, lower)
             else:
-                hidden = upper(lower.batch(indices))
-                weights = objective.token_weights(indices, batch)
-                loss, _ = policy_loss(
-                    model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0.0, 1.0)
-                )
+                with autocast:
+                    hidden = upper(lower.batch(indices))
+                    weights = objective.token_weights(indices, batch)
+                    loss, _ = policy_loss(
+                        model, hidden, batch, weights, objective.normalizer, embedding, None, config, (0.0, 1.0)
+                    )
             loss.backward()
             return batch.num_tokens
 
