@@ -8,8 +8,8 @@ Every row trains on the same batches of scripted travel dialogues, each in its o
 * ``ours: top-4 LoRA on cached layers`` — LoRA on the top 4 of 30 layers only, the frozen lower layers' output
   computed once per dialogue (``learning.split_trunk.LowerStates``), the shared system-prompt prefix computed
   once per batch, logits only at action tokens, fp32;
-* ``ours, bf16 autocast`` — the same under bf16 autocast: what ``reverie train`` runs on a CPU with AMX tiles
-  (and on CUDA);
+* ``ours, bf16 autocast`` — the same under bf16 autocast: what ``reverie train`` runs where bf16 is native (CUDA,
+  CPUs with AMX or AVX512-BF16, ``learning.devices.native_bf16``);
 * ``ours: critic step`` — the per-turn critic of ``critic-awr`` (its own upper-layer copy, two scalar heads).
 
 Steady-state rates exclude the one-time lower pass, which is timed separately and then amortised over
@@ -39,7 +39,7 @@ ROWS = {
     "sft": "plain LoRA SFT (HF loss, every layer)",
     "sft-bf16": "plain LoRA SFT, bf16 autocast",
     "ours": "ours: top-4 LoRA on cached layers",
-    "ours-bf16": "ours, bf16 autocast (the trainer's default with AMX)",
+    "ours-bf16": "ours, bf16 autocast (the trainer's default where bf16 is native)",
     "critic": "ours: critic step (critic-awr)",
 }
 
@@ -47,9 +47,9 @@ ROWS = {
 def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int) -> dict[str, float]:
     """Time ``steps`` training steps (after one warm-up) of one row: dialogues/s, tokens/s, peak RSS."""
     torch.set_num_threads(threads)
-    from learning.devices import amx_available
+    from learning.devices import native_bf16
 
-    amx_available(torch.device("cpu"))  # bf16 rows use AMX tiles where the CPU has them, as the trainer does
+    native_bf16(torch.device("cpu"))  # sets AMX tiles up where the CPU has them, as the trainer does
     from imagine.simulated import generate_scripted_dialogues
     from imagine.task import load_task
     from learning.base_model import load_base_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,3 +38,26 @@ def amx_available(device: torch.device) -> bool:
         return bool(init()) if init is not None else False
     except RuntimeError:
         return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here, so training under bf16 autocast beats fp32: CUDA, or a CPU
+    with AMX tiles or AVX512-BF16 instructions (AMD Zen 4 and later, Intel Cooper Lake). Measured on an AMD EPYC
+    with AVX512-BF16 and no AMX: a 576 × 1536 product over 5000 rows at 215 vs 83 GFLOP/s, an imitation step
+    1.10 s vs 1.81 s. Calls :func:`amx_available` first, which also sets AMX up where it exists."""
+    if device.type == "cuda":
+        return True
+    return amx_available(device) or (device.type == "cpu" and "avx512_bf16" in _cpu_flags())
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()

@@ -52,3 +52,26 @@ def test_batches_and_feature_tables_move_whole() -> None:
     on_meta = table.to("meta")
     assert on_meta.ends is None and len(on_meta) == 4
     assert {getattr(on_meta, n).device.type for n in FeatureTable.__dataclass_fields__ if n != "ends"} == {"meta"}
+
+
+def test_native_bf16_follows_the_cpus_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from learning import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "amx_available", lambda device: False)
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert devices.native_bf16(cpu)
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    assert not devices.native_bf16(cpu)
+    monkeypatch.setattr(devices, "amx_available", lambda device: True)
+    assert devices.native_bf16(cpu)
+    assert devices.native_bf16(torch.device("cuda"))
+
+
+def test_cpu_flags_are_read_from_linux() -> None:
+    from learning.devices import _cpu_flags
+
+    flags = _cpu_flags()
+    assert isinstance(flags, frozenset)
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        assert any(flag.startswith("avx") for flag in flags)

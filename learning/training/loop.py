@@ -50,7 +50,7 @@ from learning.dataset import (
     return_range,
     split_held_out,
 )
-from learning.devices import amx_available
+from learning.devices import native_bf16
 from learning.ilql import ValueHeads
 from learning.lora import attach_lora, load_lora, output_embedding
 from learning.split_trunk import LowerStates, UpperStack
@@ -184,7 +184,7 @@ def _train(
 
     replicas = Replicas.join(config.device)  # one process, or this one's place in an `accelerate launch` job
     device = replicas.device
-    bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda" or amx_available(device)
+    bf16 = config.bf16 if config.bf16 is not None else native_bf16(device)
     base = load_base_model(
         config.base_model, cache_dir=Path(config.cache_dir) if config.cache_dir else None, device=device
     )
@@ -279,9 +279,9 @@ def _train(
     probes = final_act_probes(task.name, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
     with progress_bar(progress and replicas.is_main) as bar:
         started = time.monotonic()
-        # no gradients here, only products over many rows: bf16 wherever it is faster (AMX: 2.4× measured for
+        # no gradients here, only products over many rows: bf16 wherever it is native (AMX: 2.4× measured for
         # this pass on one core), even where the config keeps the trained layers in fp32
-        frozen_bf16 = bf16 or amx_available(device)
+        frozen_bf16 = bf16 or native_bf16(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=frozen_bf16):
             lower = LowerStates.build(
                 model,
