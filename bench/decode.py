@@ -5,7 +5,8 @@ only by the decoding method. The reference is HF ``generate`` on the same model,
 fp32 and bf16 weights (both without autocast, which re-casts every weight on every step and is slower still;
 that variant is printed for comparison). Concurrent chats go through the policy's real ``respond`` (the
 continuous batcher) with a distinct history each, and are compared with HF ``generate`` batched over the same
-histories (left-padded). ILQL heads are freshly initialised: speed does not depend on what they learned.
+histories (left-padded); one chat is the single stream (the same ``respond`` call), so it has no row of its own.
+ILQL heads are freshly initialised: speed does not depend on what they learned.
 
 Policy kinds: the prompted base model, BC/FBC and the default RL policy (a LoRA actor, merged) decode the same
 way — plain sampling through the policy trunk — so one row stands for all of them ("default"). Token-level ILQL
@@ -251,7 +252,7 @@ class Bench:
         policy = build()
         try:
             self.add(f"{row_key}_1_stream", f"{label}, 1 stream", 1, self.timed(self.one_stream(policy)))
-            for count in chat_counts:
+            for count in (c for c in chat_counts if c > 1):  # one chat is the single stream's path and row
                 self.add(
                     f"{row_key}_{count}_chats_aggregate",
                     f"{label}, {count} concurrent chats",
