@@ -17,7 +17,8 @@ Starting from an empty data directory and no trained policy, every cycle:
 
 Per cycle it reports the users' own success, the held-out success, the gate's decision, the active version and
 the wall time of each step; ``--ablation`` repeats everything with real conversations left out of training
-(``IMPROVE_REAL_RATIO=0``). Results go to ``bench/results/closed_loop-<task>.json`` (``-quick`` with ``--quick``)::
+(``IMPROVE_REAL_RATIO=0``; ``--ablation-only`` runs that arm alone and adds it to the task's saved summary). Results
+go to ``bench/results/closed_loop-<task>.json`` (``-quick`` with ``--quick``)::
 
     {"cycles": [{"cycle", "users_success", "eval_success", "promoted", "active_version", "minutes", ...}, ...],
      "ablation_no_real": {"cycles": [...]}}
@@ -406,6 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-model", default="smollm2")
     parser.add_argument("--model-cache-dir", default=None)
     parser.add_argument("--ablation", action="store_true", help="Repeat with real conversations left out (ratio 0).")
+    parser.add_argument(
+        "--ablation-only",
+        action="store_true",
+        help="Run only the arm without real conversations and add it to the task's existing summary JSON "
+        "(the two arms take an hour each on 2 CPU cores, so they can run on different days).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny model, 2 cycles of 6 users: checks the plumbing.")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -426,6 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.base_model, args.cycles, args.users, args.eval_episodes = "tiny", 2, 6, 8
         args.overrides = dict(QUICK)
+    if args.ablation_only and not summary_path(args).is_file():
+        parser.error(f"--ablation-only adds to {summary_path(args)}, which does not exist: run the main arm first")
     return args
 
 
@@ -467,8 +476,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         return on_cycle
 
-    await run_arm(args, real_ratio=None, label="real", on_cycle=saver("cycles"))
-    if args.ablation:
+    if args.ablation_only:
+        earlier = json.loads(summary_path(args).read_text(encoding="utf-8"))
+        summary["cycles"] = earlier["cycles"]
+    else:
+        await run_arm(args, real_ratio=None, label="real", on_cycle=saver("cycles"))
+    if args.ablation or args.ablation_only:
         await run_arm(args, real_ratio=0.0, label="no-real", on_cycle=saver("ablation"))
     summary["complete"] = True
     return summary
