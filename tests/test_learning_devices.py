@@ -54,13 +54,17 @@ def test_batches_and_feature_tables_move_whole() -> None:
     assert {getattr(on_meta, n).device.type for n in FeatureTable.__dataclass_fields__ if n != "ends"} == {"meta"}
 
 
-def test_native_bf16_follows_the_cpus_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_native_bf16_follows_the_cpus_flags_and_a_measured_product(monkeypatch: pytest.MonkeyPatch) -> None:
     from learning import devices
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "amx_available", lambda device: False)
+    monkeypatch.setattr(devices, "_bf16_products_faster", lambda: True)
     monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert devices.native_bf16(cpu)
+    monkeypatch.setattr(devices, "_bf16_products_faster", lambda: False)  # a Xeon without AMX: no faster
+    assert not devices.native_bf16(cpu)
+    monkeypatch.setattr(devices, "_bf16_products_faster", lambda: True)
     monkeypatch.setattr(devices, "_cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
     assert not devices.native_bf16(cpu)
     monkeypatch.setattr(devices, "amx_available", lambda device: True)

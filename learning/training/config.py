@@ -96,9 +96,9 @@ class TrainConfig:
     fit_target: float | None = 0.9
     #: Seed of sampling, held-out split and initialisation.
     seed: int = 0
-    #: bf16 autocast, fp32 master weights (None: where bf16 products are native — CUDA, CPUs with AMX or
-    #: AVX512-BF16 — and fp32 elsewhere, see ``learning.devices.native_bf16``). On an AMD EPYC with AVX512-BF16 one
-    #: imitation step (batch 16 travel dialogues, top 4 layers, 2 threads) took 1.10 s in bf16 vs 1.81 s in fp32.
+    #: bf16 autocast, fp32 master weights (None: where bf16 products beat fp32 — CUDA, AMX, AVX512-BF16 that a
+    #: one-time product confirms — and fp32 elsewhere, see ``learning.devices.native_bf16``). On an AMD EPYC with
+    #: AVX512-BF16 one imitation step (batch 16 travel dialogues, top 4 layers, 2 threads) took 1.10 s vs 1.81 s.
     bf16: bool | None = None
     #: bf16 for the ILQL value heads (None: token level only, whose CQL is |V| wide).
     value_bf16: bool | None = None
