@@ -4,7 +4,7 @@
    ``teaching``): suboptimal dialogues, ~37-40 % success, the optimal "ask everything, then act" present but rare.
 2. From SmolLM2-135M + LoRA on the same dialogues: BC (all), filtered BC (successes), token-level ILQL (the
    paper's method: value heads on top of the BC checkpoint, β-guided decoding) and ``critic-awr`` (the default:
-   a per-turn critic, then the BC actor fine-tuned by advantage-weighted regression; it decodes like BC).
+   a per-turn critic, then the filtered-BC actor fine-tuned by advantage-weighted regression; decodes like BC).
 3. Every policy, the prompted base model and the scripted careful agent (the ceiling) meet the same held-out
    personas (seed 1000; training personas come from seed 0) in one evaluation, so differences are paired.
 
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="BC/FBC steps at most (default: the trainer's cap; the task probe or held-out loss may stop sooner)",
     )
-    parser.add_argument("--awr-steps", type=int, default=None, help="critic-awr actor steps after BC")
+    parser.add_argument("--awr-steps", type=int, default=None, help="critic-awr actor steps after its imitation phase")
     parser.add_argument("--critic-steps", type=int, default=None)
     parser.add_argument("--value-steps", type=int, default=None, help="token-level ILQL value steps")
     parser.add_argument("--upper-layers", type=int, default=None, help="LoRA layers (trainer default)")
@@ -159,16 +159,18 @@ def main() -> None:
         minutes[name] = (time.monotonic() - started) / 60 + (minutes.get(after, 0.0) if after else 0.0)
         checkpoints[name] = out
 
-    if any(p in wanted for p in ("bc", "ilql-token", "critic-awr")):
+    awr = TrainConfig(algorithm="critic-awr", **common)
+    reference = awr.critic.reference  # the imitation critic-awr starts from: its checkpoint is shared
+    if any(p in wanted for p in ("bc", "ilql-token")) or ("critic-awr" in wanted and reference == "bc"):
         run("bc", TrainConfig(algorithm="bc", **imitation_steps, **common))
-    if "fbc" in wanted:
+    if "fbc" in wanted or ("critic-awr" in wanted and reference == "fbc"):
         run("fbc", TrainConfig(algorithm="fbc", **imitation_steps, **common))
-    if "critic-awr" in wanted and "bc" in checkpoints:
-        config = TrainConfig(algorithm="critic-awr", **common)  # from the BC checkpoint: the actor steps alone
-        config.critic.actor_steps = args.awr_steps or (20 if quick else config.critic.actor_steps)
+    if "critic-awr" in wanted and reference in checkpoints:
+        # from the reference's checkpoint: the actor steps alone (critic-awr's minutes include the reference's)
+        awr.critic.actor_steps = args.awr_steps or (20 if quick else awr.critic.actor_steps)
         if args.critic_steps or quick:
-            config.critic.steps = args.critic_steps or 20
-        run("critic-awr", config, init_from=checkpoints["bc"], after="bc")
+            awr.critic.steps = args.critic_steps or 20
+        run("critic-awr", awr, init_from=checkpoints[reference], after=reference)
     if "ilql-token" in wanted and "bc" in checkpoints:
         value_steps = args.value_steps or (20 if quick else 600)
         config = TrainConfig(

@@ -136,8 +136,10 @@ async def test_killed_trainer_fails_the_run_and_the_active_policy_keeps_serving(
     run_dir = tmp_path / "runs" / "run-1"
     trainer = await _wait_for_trainer(str(run_dir / "candidate"))
     # Kill it once it has written something: its periodic resume state (LoRA weights trained on the dialogues) —
-    # critic-awr from the base model is in its imitation phase, which trains into `.candidate.bc` beside it.
-    resume_states = [run_dir / name / "state.json" for name in (".candidate.resume", "..candidate.bc.resume")]
+    # critic-awr from the base model is in its imitation phase, which trains into `.candidate.fbc` beside it
+    # (`.candidate.bc` where no dialogue succeeded).
+    names = (".candidate.resume", "..candidate.fbc.resume", "..candidate.bc.resume")
+    resume_states = [run_dir / name / "state.json" for name in names]
     deadline = time.monotonic() + 120
     while not any(state.exists() for state in resume_states):
         assert time.monotonic() < deadline and _alive(trainer), "the trainer never wrote its resume state"

@@ -106,15 +106,16 @@ def test_critic_awr_distils_the_rare_rewarded_reply_into_the_actor(
 
 
 def test_critic_awr_from_the_base_model_imitates_first_then_trains_the_actor(tmp_path: Path, sharp_tiny: str) -> None:
-    """The benchmarked recipe in one call: BC steps, then the critic-weighted actor from that adapter; the warm-up
-    checkpoint is a temporary that does not outlive the run."""
+    """The benchmarked recipe in one call: filtered-BC steps, then the critic-weighted actor from that adapter; the
+    warm-up checkpoint is a temporary that does not outlive the run."""
     config = TrainConfig(algorithm="critic-awr", steps=6, base_model=sharp_tiny, batch_size=8, lr=1e-2)
     config.critic.steps, config.critic.actor_steps = 20, 4
     out = train(config, rare_reward_dialogues(), out_dir=tmp_path / "awr", progress=False)
     manifest = load_manifest(out)
     assert manifest["algorithm"] == "critic-awr"
-    assert manifest["metrics"]["bc_warmup_steps"] == 6 and manifest["metrics"]["policy_steps"] == 4
-    assert manifest["metrics"]["train_seconds"] >= manifest["metrics"]["bc_warmup_seconds"]
+    assert manifest["metrics"]["imitation_algorithm"] == "fbc"
+    assert manifest["metrics"]["imitation_steps"] == 6 and manifest["metrics"]["policy_steps"] == 4
+    assert manifest["metrics"]["train_seconds"] >= manifest["metrics"]["imitation_seconds"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["awr"]
 
 
@@ -133,8 +134,8 @@ def test_imitation_stops_once_the_probe_fits_but_the_actor_runs_its_steps(tmp_pa
     )
     config.critic.steps, config.critic.actor_steps = 10, 5
     metrics = load_manifest(train(config, data, out_dir=tmp_path / "awr", progress=False))["metrics"]
-    assert metrics["bc_warmup_steps"] == 3 and metrics["bc_stopped_at_fit_target"]
-    assert [point["step"] for point in metrics["bc_held_out_curve"]] == [3]
+    assert metrics["imitation_steps"] == 3 and metrics["imitation_stopped_at_fit_target"]
+    assert [point["step"] for point in metrics["imitation_held_out_curve"]] == [3]
     assert metrics["policy_steps"] == 5 and not metrics["stopped_at_fit_target"]
     unreachable = TrainConfig(
         algorithm="bc", steps=6, eval_every=3, held_out=0.3, fit_target=1.01, base_model=sharp_tiny

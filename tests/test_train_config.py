@@ -10,9 +10,10 @@ import textwrap
 import typer
 
 from bot.cli import app
+from learning.dataset import EncodedDialogue
 from learning.ilql import ILQLConfig
 from learning.training import TrainConfig
-from learning.training.critic import CriticConfig
+from learning.training.critic import AdvantageWeights, CriticConfig, imitation_floors
 
 #: ``reverie train`` options that are not config fields: where data comes from and goes, and how the run looks.
 NOT_CONFIG = {"dialogues", "out", "init_from", "quiet", "register", "job"}
@@ -53,3 +54,23 @@ def test_reverie_train_options_are_config_fields() -> None:
     config_options = {CLI_NAME.get(name, name) for name in options - NOT_CONFIG}
     assert config_options <= fields, f"options that are no TrainConfig field: {config_options - fields}"
     assert {"algorithm", "steps", "real_ratio", "batch_size", "seed"} <= config_options
+
+
+def _dialogue(reward: float) -> EncodedDialogue:
+    """An encoded dialogue that only carries its terminal reward (all ``imitation_floors`` reads)."""
+    return EncodedDialogue([], [], [], [], [], [0], [1], [reward], [True], reward, "imagined")
+
+
+def test_only_the_reference_dialogues_keep_the_imitation_floor() -> None:
+    """With filtered BC as the reference, a failed dialogue's turn the critic rates below average all but vanishes
+    from the actor's loss (the old floor on every dialogue kept it at weight ≥ 1), while a successful dialogue's
+    turn is still imitated however the critic rates it; with BC as the reference every turn keeps the floor."""
+    items = [_dialogue(1.0), _dialogue(0.0)]
+    advantages = [[-0.5], [-0.5]]
+    config = CriticConfig()
+    assert config.reference == "fbc"
+    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, imitation_floors(config, items)).weights
+    assert weights[0][0] > 1.0 and weights[1][0] < 0.01
+    config.reference = "bc"
+    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, imitation_floors(config, items)).weights
+    assert weights[0][0] == weights[1][0] > 1.0

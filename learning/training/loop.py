@@ -120,11 +120,11 @@ def train(
     """Train ``config.algorithm`` on ``dialogues`` and write a checkpoint to ``out_dir``; returns its path.
 
     ``init_from`` continues from an existing checkpoint's adapter (same base model). critic-awr from the base
-    model imitates first (``config.steps`` BC steps, into ``.<out>.bc`` next to ``out_dir``) and then trains the
-    critic-weighted actor from that adapter (``config.critic.actor_steps``); from ``init_from`` it runs the actor
-    steps alone. An interrupted run with the same configuration resumes from its last periodic save. Raises
-    :class:`DatasetError` on unusable data and :class:`TrainingError` / :class:`~learning.checkpoint.CheckpointError`
-    on bad configuration.
+    model first imitates its reference (``config.critic.reference``: filtered BC or BC, ``config.steps`` steps at
+    most, into ``.<out>.<reference>`` next to ``out_dir``) and then trains the critic-weighted actor from that
+    adapter (``config.critic.actor_steps``); from ``init_from`` it runs the actor steps alone. An interrupted run
+    with the same configuration resumes from its last periodic save. Raises :class:`DatasetError` on unusable data
+    and :class:`TrainingError` / :class:`~learning.checkpoint.CheckpointError` on bad configuration.
     """
     out_dir = Path(out_dir)
     if not config.uses_critic:
@@ -132,23 +132,29 @@ def train(
     actor = dataclasses.replace(config, steps=config.critic.actor_steps, warmup=0.0)
     if init_from is not None:
         return _train(actor, dialogues, out_dir=out_dir, init_from=init_from, progress=progress, task=task)
-    warm = out_dir.parent / f".{out_dir.name}.bc"
+    reference = config.critic.reference
+    if reference == "fbc" and not any(r.reward is not None and r.reward >= config.fbc_min_reward for r in dialogues):
+        logger.warning("no successful dialogue to imitate: critic-awr's imitation phase falls back to plain BC")
+        reference = "bc"
+    warm = out_dir.parent / f".{out_dir.name}.{reference}"
     # Both phases read the same frozen-layer states: computed once (a temporary cache unless one is configured).
     features = out_dir.parent / f".{out_dir.name}.features"
     actor.feature_cache_dir = config.feature_cache_dir or str(features)
     if not _finished(warm):
-        bc = dataclasses.replace(config, algorithm="bc", feature_cache_dir=actor.feature_cache_dir)
-        _train(bc, dialogues, out_dir=warm, progress=progress, task=task, require_reward=True)  # the actor's data
+        imitation = dataclasses.replace(config, algorithm=reference, feature_cache_dir=actor.feature_cache_dir)
+        # BC trains on exactly the actor's (rewarded) data; filtered BC on its successful part
+        _train(imitation, dialogues, out_dir=warm, progress=progress, task=task, require_reward=True)
     warm_metrics = load_manifest(warm)["metrics"]
     # the imitation phase's checkpoint is a temporary: what it learned and why it stopped go into the final manifest
     prior = {
-        "bc_warmup_steps": warm_metrics["policy_steps"],
-        "bc_warmup_seconds": warm_metrics["train_seconds"],
-        "bc_stopped_at_fit_target": warm_metrics.get("stopped_at_fit_target", False),
-        "bc_held_out_curve": warm_metrics.get("held_out_curve", []),
+        "imitation_algorithm": reference,
+        "imitation_steps": warm_metrics["policy_steps"],
+        "imitation_seconds": warm_metrics["train_seconds"],
+        "imitation_stopped_at_fit_target": warm_metrics.get("stopped_at_fit_target", False),
+        "imitation_held_out_curve": warm_metrics.get("held_out_curve", []),
     }
     if config.time_limit_minutes:  # one limit for both phases
-        actor.time_limit_minutes = max(config.time_limit_minutes - prior["bc_warmup_seconds"] / 60, 0.1)
+        actor.time_limit_minutes = max(config.time_limit_minutes - prior["imitation_seconds"] / 60, 0.1)
     path = _train(actor, dialogues, out_dir=out_dir, init_from=warm, progress=progress, task=task, prior=prior)
     shutil.rmtree(warm, ignore_errors=True)
     shutil.rmtree(features, ignore_errors=True)
@@ -335,7 +341,7 @@ def _train(
         return_range=list(returns),
         frozen_layers=split,
         held_out_dialogues=len(held_items),
-        train_seconds=round(time.monotonic() - clock.start + (prior or {}).get("bc_warmup_seconds", 0.0), 1),
+        train_seconds=round(time.monotonic() - clock.start + (prior or {}).get("imitation_seconds", 0.0), 1),
         **(prior or {}),
     )
     if heads is not None:
