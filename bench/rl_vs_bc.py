@@ -139,6 +139,7 @@ def main() -> None:
     checkpoints: dict[str, Path] = {}
     minutes: dict[str, float] = {}
     failures: dict[str, str] = {}
+    reused: dict[str, float] = {}  # --skip-existing: checkpoint → the minutes its training took in an earlier run
 
     def run(name: str, config: TrainConfig, init_from: Path | None = None, after: str | None = None) -> None:
         out = work / name
@@ -146,6 +147,7 @@ def main() -> None:
             console.print(f"reusing {out}")
             checkpoints[name] = out
             minutes[name] = json.loads((out / "manifest.json").read_text())["metrics"]["train_seconds"] / 60
+            reused[name] = minutes[name]  # its own training, counted into the whole run's wall time
             minutes[name] += minutes.get(after, 0.0) if after else 0.0
             return
         started = time.monotonic()
@@ -209,7 +211,8 @@ def main() -> None:
     eval_minutes = (time.monotonic() - started) / 60
     for policy in policies:
         policy.close()
-    wall_minutes = (time.monotonic() - wall_started) / 60
+    # a reused checkpoint's training is part of what the comparison costs: its minutes count as if run here
+    wall_minutes = (time.monotonic() - wall_started) / 60 + sum(reused.values())
     files = write_report(report, work / "report")
     transcripts = write_transcripts(report, work / "report" / "transcripts.md", args.transcripts)
     personas = len({json.dumps(e.persona, sort_keys=True) for e in report.results[0].episodes})
@@ -230,6 +233,7 @@ def main() -> None:
         "episodes": episodes,
         "data_success": data_success,
         "wall_minutes": round(wall_minutes, 1),
+        "reused_checkpoints": sorted(reused),
         "default": DEFAULT_ALGORITHM,
         "policies": {
             result.name: {
@@ -250,7 +254,7 @@ def main() -> None:
     shutil.copyfile(files.plot, plot)
     shutil.copyfile(work / "report" / "transcripts.md", results / f"rl_vs_bc-{args.task}-transcripts.md")
     append_markdown(args, rows, failures, base_model, device, n_dialogues, data_success, episodes, personas, plot)
-    append_markdown_times(args, eval_minutes, wall_minutes)
+    append_markdown_times(args, eval_minutes, wall_minutes, reused)
 
 
 def result_rows(report: EvaluationReport, minutes: dict[str, float]) -> list[tuple[str, ...]]:
@@ -341,11 +345,14 @@ def append_markdown(
     write_section(f"RL vs BC on scripted {args.task} users (bench/rl_vs_bc.py)", "\n".join(lines))
 
 
-def append_markdown_times(args: argparse.Namespace, eval_minutes: float, wall_minutes: float) -> None:
-    write_section(
-        f"RL vs BC on scripted {args.task} users (bench/rl_vs_bc.py)",
-        f"Evaluation {eval_minutes:.1f} min; whole run (all training + all evaluation) {wall_minutes:.1f} min.",
-    )
+def append_markdown_times(
+    args: argparse.Namespace, eval_minutes: float, wall_minutes: float, reused: dict[str, float]
+) -> None:
+    line = f"Evaluation {eval_minutes:.1f} min; whole run (all training + all evaluation) {wall_minutes:.1f} min"
+    if reused:
+        names = ", ".join(f"{name} {minutes:.1f}" for name, minutes in sorted(reused.items()))
+        line += f", including the training minutes of checkpoints reused from an earlier run ({names})"
+    write_section(f"RL vs BC on scripted {args.task} users (bench/rl_vs_bc.py)", line + ".")
 
 
 if __name__ == "__main__":

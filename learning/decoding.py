@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from learning.devices import native_bf16
 from learning.ilql import ValueHeads, token_advantages, utterance_scores
 from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from learning.lora import causal_lm, trunk
@@ -30,7 +31,13 @@ class DecodeConfig:
     top_k: int = DEFAULT_TOP_K
     beta: float = 0.0
     candidates: int = 1  # K replies per history for utterance-level reranking
-    bf16: bool = True
+    #: bf16 where this device computes it natively (None: ``learning.devices.native_bf16``; on a CPU with AVX2
+    #: only, bf16 products are emulated and 4-8× slower than fp32 from 16 rows on)
+    bf16: bool | None = None
+
+    def bf16_on(self, device: torch.device) -> bool:
+        """Whether to decode in bf16 on ``device``."""
+        return self.bf16 if self.bf16 is not None else native_bf16(device)
 
 
 @dataclass
@@ -84,6 +91,7 @@ def decode(
     embedding = lm.get_output_embeddings().weight
     head_bias = getattr(lm.get_output_embeddings(), "bias", None)
     device = embedding.device
+    bf16 = config.bf16_on(device)
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     batch = ids.shape[0] * repeats
@@ -98,7 +106,7 @@ def decode(
     for step in range(config.max_new_tokens + 1):
         if should_stop is not None and should_stop():  # the policy is closing: give back what there is
             break
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = decoder(
                 input_ids=step_input,
                 attention_mask=mask,
@@ -110,7 +118,7 @@ def decode(
         cache = out.past_key_values
         value_hidden = hidden
         if value_decoder is not None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 value_out = value_decoder(
                     input_ids=step_input,
                     attention_mask=mask,
@@ -148,7 +156,7 @@ def decode(
         scores, candidates = log_probs.topk(k, dim=-1)
         if use_values:
             assert heads is not None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 advantage = token_advantages(heads, embedding, value_hidden, candidates)
             scores = scores + config.beta * advantage.float()
         if config.temperature <= 0:
@@ -202,7 +210,8 @@ def rerank_utterances(
     assert decoded.state_hidden is not None and decoded.end_hidden is not None
     lengths = torch.tensor([max(len(t), 1) for t in decoded.tokens], device=decoded.end_hidden.device)
     reply_mean = decoded.end_hidden / lengths.unsqueeze(-1)
-    with torch.autocast(decoded.end_hidden.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+    end_device = decoded.end_hidden.device
+    with torch.autocast(end_device.type, dtype=torch.bfloat16, enabled=config.bf16_on(end_device)):
         scores = utterance_scores(heads, decoded.state_hidden, reply_mean).float()
     empty = torch.tensor([not [t for t in toks if t != end_id] for toks in decoded.tokens], device=scores.device)
     scores = scores.masked_fill(empty, float("-inf")).view(len(prompts), k)

@@ -151,6 +151,9 @@ class Tower:
         self.act = decoder.layers[0].mlp.act_fn
         self.embedding = decoder.embed_tokens.weight.detach()
         amx = amx_available(self.device)
+        # without AMX tiles or oneDNN's packed bf16 (a CPU with AVX2 only) bf16 products are emulated: 4-8× slower
+        # than fp32 from 16 rows on (AMD EPYC, 576 × 1536), so such a CPU decodes in fp32
+        bf16 = bf16 and (amx or _packed_bf16_available(self.device))
         layer_rows = (AMX_BF16_ROWS if amx else LAYER_BF16_ROWS) if bf16 else 0
         head_rows = (AMX_BF16_ROWS if amx else HEAD_BF16_ROWS) if bf16 else 0
         self.layers: list[_Layer] = []
@@ -399,13 +402,13 @@ class DecodeEngine:
         self.heads = heads
         self.max_rows = max_rows
         self.max_batch_tokens = max_batch_tokens
-        self.policy = Tower(model, bf16=config.bf16)
+        self.policy = Tower(model, bf16=config.bf16 is not False)
         self.embedding = causal_lm(model).get_output_embeddings().weight.detach().float()
         self.token_level = heads is not None and heads.config.level == "token" and config.beta != 0.0
         self.rerank = heads is not None and heads.config.level == "utterance" and config.candidates > 1
         self.value: Tower | None = None
         if value_model is not None and (self.token_level or self.rerank):
-            self.value = Tower(value_model, bf16=config.bf16, need_logits=False)
+            self.value = Tower(value_model, bf16=config.bf16 is not False, need_logits=False)
         self.lockstep = self.token_level and self.value is not None  # the value trunk decodes beside π
         self.towers = [self.policy, self.value] if self.lockstep else [self.policy]
         self.prefix = PrefixCache(max_bytes=prefix_cache_bytes, ttl_s=prefix_ttl_s)

@@ -100,7 +100,8 @@ class TrainConfig:
     #: one-time product confirms — and fp32 elsewhere, see ``learning.devices.native_bf16``). On an AMD EPYC with
     #: AVX512-BF16 one imitation step (batch 16 travel dialogues, top 4 layers, 2 threads) took 1.10 s vs 1.81 s.
     bf16: bool | None = None
-    #: bf16 for the ILQL value heads (None: token level only, whose CQL is |V| wide).
+    #: bf16 for the ILQL value heads (None: token level only, whose CQL is |V| wide, where bf16 is native —
+    #: emulated on an AVX2-only CPU it made the 600 value steps take over 30 minutes instead of a few).
     value_bf16: bool | None = None
     #: Policy steps between resumable saves.
     checkpoint_every: int = 100

@@ -510,7 +510,9 @@ def _value_stage(
     )
     generator = torch.Generator(device=run.device).manual_seed(config.seed + state["value_step"])
     task_id = bar.add_task("ilql: value", total=config.value_steps, completed=state["value_step"], terms="")
-    value_bf16 = config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token"
+    value_bf16 = (
+        config.value_bf16 if config.value_bf16 is not None else config.ilql.level == "token" and native_bf16(run.device)
+    )
     started, seen = time.monotonic(), 0
     interrupted = False
     while state["value_step"] < config.value_steps:
