@@ -14,6 +14,7 @@ from learning.dataset import EncodedDialogue
 from learning.ilql import ILQLConfig
 from learning.training import TrainConfig
 from learning.training.critic import AdvantageWeights, CriticConfig, imitation_floors
+from storage.rewards import SUCCESS_THRESHOLD
 
 #: ``reverie train`` options that are not config fields: where data comes from and goes, and how the run looks.
 NOT_CONFIG = {"dialogues", "out", "init_from", "quiet", "register", "job"}
@@ -69,8 +70,10 @@ def test_only_the_reference_dialogues_keep_the_imitation_floor() -> None:
     advantages = [[-0.5], [-0.5]]
     config = CriticConfig()
     assert config.reference == "fbc"
-    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, imitation_floors(config, items)).weights
+    floors = imitation_floors(config, items, SUCCESS_THRESHOLD)
+    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, floors).weights
     assert weights[0][0] > 1.0 and weights[1][0] < 0.01
     config.reference = "bc"
-    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, imitation_floors(config, items)).weights
+    floors = imitation_floors(config, items, SUCCESS_THRESHOLD)
+    weights = AdvantageWeights.from_advantages(advantages, 0.1, 20.0, floors).weights
     assert weights[0][0] == weights[1][0] > 1.0

@@ -50,7 +50,7 @@ from learning.ilql import ScalarHead
 from learning.lora import lora_config
 from learning.split_trunk import LowerStates, UpperStack
 from learning.training.optim import EarlyStopping, warmup_cosine
-from storage.rewards import is_success
+from storage.rewards import SUCCESS_THRESHOLD, is_success
 
 logger = logging.getLogger(__name__)
 
@@ -183,21 +183,24 @@ class AdvantageWeights:
         advantages: list[list[float]],
         temperature: float,
         max_weight: float,
-        floors: Sequence[float] | float = 0.0,
+        floors: Sequence[float],
     ) -> AdvantageWeights:
-        """Turn advantages into weights ``floor + min(exp(A/T), w_max)``; ``floors`` holds one floor per dialogue
-        (or one for all)."""
-        per_dialogue = [floors] * len(advantages) if isinstance(floors, int | float) else list(floors)
+        """Turn advantages into weights ``floor + min(exp(A/T), w_max)``, with one floor per dialogue."""
         weights = [
             [floor + min(math.exp(min(a / temperature, 50.0)), max_weight) for a in per_turn]
-            for per_turn, floor in zip(advantages, per_dialogue, strict=True)
+            for per_turn, floor in zip(advantages, floors, strict=True)
         ]
         return cls(advantages, weights)
 
 
-def imitation_floors(config: CriticConfig, items: Sequence[EncodedDialogue]) -> list[float]:
-    """Each dialogue's imitation floor: ``bc_floor`` where it belongs to ``config.reference``, else 0."""
-    return [config.bc_floor if config.reference == "bc" or is_success(item.reward) else 0.0 for item in items]
+def imitation_floors(config: CriticConfig, items: Sequence[EncodedDialogue], min_reward: float) -> list[float]:
+    """Each dialogue's imitation floor: ``bc_floor`` where it belongs to ``config.reference``, else 0.
+    ``min_reward`` is the filtered-BC threshold (``TrainConfig.fbc_min_reward``), so that the "fbc" reference is
+    exactly the data the imitation phase trained on."""
+    return [
+        config.bc_floor if config.reference == "bc" or (item.reward is not None and item.reward >= min_reward) else 0.0
+        for item in items
+    ]
 
 
 @torch.no_grad()
@@ -344,12 +347,14 @@ def train_critic(
     progress: Progress | None = None,
     deadline: float = math.inf,
     base_hidden_of: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    min_reward: float = SUCCESS_THRESHOLD,
 ) -> tuple[list[list[float]], dict[str, Any]]:
     """Train the per-turn critic, then return every dialogue's per-turn AWR weights and the critic's metrics.
 
     ``sampler`` draws training dialogues (indices into ``items``); ``held_indices`` are never trained on and
     stop training when their MSE stops falling. ``deadline`` is a ``time.monotonic()`` value.
     ``base_hidden_of(indices)`` gives the base model's last hidden states (frozen-feature critic).
+    ``min_reward``: the terminal reward from which a dialogue belongs to the filtered-BC reference.
     """
     if config.features == "frozen":
         if base_hidden_of is None:
@@ -359,7 +364,7 @@ def train_critic(
             config, items, held_indices, base_hidden_of, hidden_size, sampler.probabilities(), progress
         )
         weights = AdvantageWeights.from_advantages(
-            advantages, config.temperature, config.max_weight, imitation_floors(config, items)
+            advantages, config.temperature, config.max_weight, imitation_floors(config, items, min_reward)
         )
         metrics["critic_seconds"] = round(time.monotonic() - started, 1)
         metrics.update(advantage_diagnostics(items, advantages, weights.weights, held_indices))
@@ -400,7 +405,7 @@ def train_critic(
     stopper.restore()
     advantages = turn_advantages(critic, items, lower)
     weights = AdvantageWeights.from_advantages(
-        advantages, config.temperature, config.max_weight, imitation_floors(config, items)
+        advantages, config.temperature, config.max_weight, imitation_floors(config, items, min_reward)
     )
     metrics: dict[str, Any] = {
         "critic_steps": step,

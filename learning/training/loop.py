@@ -384,6 +384,7 @@ def _critic_stage(run: _Run, hidden_size: int) -> None:
         run.bar,
         run.clock.deadline,
         base_hidden_of=base_hidden_of,
+        min_reward=config.fbc_min_reward,
     )
     run.state["turn_weights"] = weights
     run.metrics.update(critic_metrics)
