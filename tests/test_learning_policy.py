@@ -105,6 +105,20 @@ def test_critic_awr_distils_the_rare_rewarded_reply_into_the_actor(
         awr.close()
 
 
+def test_the_adapted_critic_also_values_the_rare_rewarded_reply(
+    checkpoints: dict[str, Path], sharp_tiny: str, tmp_path: Path
+) -> None:
+    """The critic with its own LoRA on the upper layers (``features="adapted"``) learns the same preference as the
+    frozen-feature default and hands its advantages to the actor the same way."""
+    config = TrainConfig(algorithm="critic-awr", base_model=sharp_tiny, batch_size=8, lr=1e-2)
+    config.critic.features, config.critic.steps, config.critic.lr, config.critic.actor_steps = "adapted", 150, 3e-3, 2
+    out = train(config, rare_reward_dialogues(), out_dir=tmp_path / "awr", init_from=checkpoints["bc"], progress=False)
+    metrics = load_manifest(out)["metrics"]
+    assert 0 < metrics["critic_steps"] <= 150 and metrics["critic_seconds"] > 0
+    assert metrics["A_success"] > 0.2 > metrics["A_failure"]
+    assert metrics["weight_share_success"] > 0.5 and metrics["policy_steps"] == 2
+
+
 def test_critic_awr_from_the_base_model_imitates_first_then_trains_the_actor(tmp_path: Path, sharp_tiny: str) -> None:
     """The benchmarked recipe in one call: filtered-BC steps, then the critic-weighted actor from that adapter; the
     warm-up checkpoint is a temporary that does not outlive the run."""

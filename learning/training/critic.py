@@ -356,21 +356,39 @@ def train_critic(
     ``base_hidden_of(indices)`` gives the base model's last hidden states (frozen-feature critic).
     ``min_reward``: the terminal reward from which a dialogue belongs to the filtered-BC reference.
     """
+    started = time.monotonic()
     if config.features == "frozen":
         if base_hidden_of is None:
             raise ValueError("the frozen-feature critic needs base_hidden_of")
-        started = time.monotonic()
         advantages, metrics = _train_frozen_critic(
             config, items, held_indices, base_hidden_of, hidden_size, sampler.probabilities(), progress
         )
-        weights = AdvantageWeights.from_advantages(
-            advantages, config.temperature, config.max_weight, imitation_floors(config, items, min_reward)
+    else:
+        advantages, metrics = _train_adapted_critic(
+            config, items, held_indices, lower, upper, hidden_size, sampler, progress, deadline
         )
-        metrics["critic_seconds"] = round(time.monotonic() - started, 1)
-        metrics.update(advantage_diagnostics(items, advantages, weights.weights, held_indices))
-        logger.info("critic: %s", {k: v for k, v in metrics.items() if k != "critic_curve"})
-        return weights.weights, metrics
+    weights = AdvantageWeights.from_advantages(
+        advantages, config.temperature, config.max_weight, imitation_floors(config, items, min_reward)
+    )
+    metrics["critic_seconds"] = round(time.monotonic() - started, 1)
+    metrics.update(advantage_diagnostics(items, advantages, weights.weights, held_indices))
+    logger.info("critic: %s", {k: v for k, v in metrics.items() if k != "critic_curve"})
+    return weights.weights, metrics
 
+
+def _train_adapted_critic(
+    config: CriticConfig,
+    items: Sequence[EncodedDialogue],
+    held_indices: Sequence[int],
+    lower: LowerStates,
+    upper: UpperStack,
+    hidden_size: int,
+    sampler: MixingSampler,
+    progress: Progress | None,
+    deadline: float,
+) -> tuple[list[list[float]], dict[str, Any]]:
+    """The critic with its own LoRA on a copy of the upper layers, trained end to end; returns every turn's
+    advantage and the training metrics."""
     device = lower.states[0].device
     critic = TurnCritic(upper, hidden_size, rank=config.lora_rank, alpha=config.lora_alpha, mlp=True).to(device)
     critic.train()
@@ -381,7 +399,6 @@ def train_critic(
     batches = sampler.index_batches()
     curve: list[dict[str, float]] = []
     task_id = progress.add_task("critic", total=config.steps, terms="") if progress else None
-    started = time.monotonic()
     step = 0
     for step in range(1, config.steps + 1):
         loss, terms = critic_loss(critic, items, next(batches), lower)
@@ -403,19 +420,8 @@ def train_critic(
     if progress is not None and task_id is not None:
         progress.remove_task(task_id)
     stopper.restore()
-    advantages = turn_advantages(critic, items, lower)
-    weights = AdvantageWeights.from_advantages(
-        advantages, config.temperature, config.max_weight, imitation_floors(config, items, min_reward)
-    )
-    metrics: dict[str, Any] = {
-        "critic_steps": step,
-        "critic_best_step": stopper.best_step,
-        "critic_seconds": round(time.monotonic() - started, 1),
-        "critic_curve": curve,
-        **advantage_diagnostics(items, advantages, weights.weights, held_indices),
-    }
-    logger.info("critic: %s", {k: v for k, v in metrics.items() if k != "critic_curve"})
-    return weights.weights, metrics
+    metrics: dict[str, Any] = {"critic_steps": step, "critic_best_step": stopper.best_step, "critic_curve": curve}
+    return turn_advantages(critic, items, lower), metrics
 
 
 def advantage_diagnostics(
