@@ -9,7 +9,6 @@ from typing import Literal, get_args
 Algorithm = Literal["bc", "fbc", "critic-awr", "ilql", "ilql-token", "ilql-utterance"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 #: What `reverie train` and the improvement loop train unless told otherwise: the measured winner in BENCHMARKS.md
-#: ("RL vs BC", bench/rl_vs_bc.py). On travel (2026-12-01 07:56), with filtered BC as its reference, 94.0 % vs
-#: filtered BC 84.5 % (+9.5, +4.2…+14.8); on teaching the previous recipe (BC reference) led filtered BC 66.5 % vs
-#: 59.5 % (+7.0, not significant) — the new recipe is not yet measured there.
+#: ("RL vs BC", bench/rl_vs_bc.py, 2026-12-01, filtered BC as its reference): travel 98.0 % vs filtered BC 93.0 %
+#: (+5.0, +0.9…+9.1), teaching 90.0 % vs 59.5 % (+30.5, +23.8…+37.2); BC, token-level ILQL and the base model below.
 DEFAULT_ALGORITHM: Algorithm = "critic-awr"
