@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.benchmarks_md import reproduce_command, run_heading, write_section
-from imagine.simulated import BehaviourPolicy, generate_scripted_dialogues
+from imagine.simulated import DEFAULT_MIX, BehaviourPolicy, generate_scripted_dialogues
 from imagine.task import load_task
 from learning.algorithms import DEFAULT_ALGORITHM
 from learning.devices import resolve_device
@@ -75,10 +75,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="peak LoRA learning rate (trainer default)")
     parser.add_argument("--probe-states", type=int, default=None, help="held-out probe states (trainer default)")
     parser.add_argument(
+        "--bc-fit-target",
+        type=float,
+        default=None,
+        help="stop plain BC once the probe fits this share (trainer default; 0: never, held-out loss decides)",
+    )
+    parser.add_argument(
         "--sampled-temperature",
         type=float,
-        default=0.7,
-        help="also evaluate BC sampled at this temperature (the imitation check; 0: skip)",
+        default=1.0,
+        help="also evaluate BC sampled at this temperature (the imitation check: at 1 a perfect imitator "
+        "reproduces its data's success; 0: skip)",
     )
     parser.add_argument("--policies", default="base,bc,fbc,ilql-token,critic-awr,careful", help="comma-separated")
     parser.add_argument("--device", default="auto", help="auto (CUDA where available), cpu or cuda")
@@ -164,7 +171,8 @@ def main() -> None:
     awr = TrainConfig(algorithm="critic-awr", **common)
     reference = awr.critic.reference  # the imitation critic-awr starts from: its checkpoint is shared
     if any(p in wanted for p in ("bc", "ilql-token")) or ("critic-awr" in wanted and reference == "bc"):
-        run("bc", TrainConfig(algorithm="bc", **imitation_steps, **common))
+        bc_stop = {} if args.bc_fit_target is None else {"fit_target": args.bc_fit_target or None}
+        run("bc", TrainConfig(algorithm="bc", **imitation_steps, **bc_stop, **common))
     if "fbc" in wanted or ("critic-awr" in wanted and reference == "fbc"):
         run("fbc", TrainConfig(algorithm="fbc", **imitation_steps, **common))
     if "critic-awr" in wanted and reference in checkpoints:
@@ -209,6 +217,10 @@ def main() -> None:
         policies, task, users="scripted", episodes=episodes, seed=args.eval_seed, batch_size=args.eval_batch
     )
     eval_minutes = (time.monotonic() - started) / 60
+    data_on_eval = data_behaviours_success(args.task, episodes, args.eval_seed, args.eval_batch)
+    console.print(
+        f"the data's behaviours on the evaluation personas: {data_on_eval:.1%} (training personas {data_success:.1%})"
+    )
     for policy in policies:
         policy.close()
     # a reused checkpoint's training is part of what the comparison costs: its minutes count as if run here
@@ -232,6 +244,7 @@ def main() -> None:
         "task": args.task,
         "episodes": episodes,
         "data_success": data_success,
+        "data_success_eval_personas": data_on_eval,
         "wall_minutes": round(wall_minutes, 1),
         "reused_checkpoints": sorted(reused),
         "default": DEFAULT_ALGORITHM,
@@ -253,8 +266,31 @@ def main() -> None:
     plot = results / f"rl_vs_bc-{args.task}.png"
     shutil.copyfile(files.plot, plot)
     shutil.copyfile(work / "report" / "transcripts.md", results / f"rl_vs_bc-{args.task}-transcripts.md")
-    append_markdown(args, rows, failures, base_model, device, n_dialogues, data_success, episodes, personas, plot)
+    append_markdown(
+        args, rows, failures, base_model, device, n_dialogues, (data_success, data_on_eval), episodes, personas, plot
+    )
     append_markdown_times(args, eval_minutes, wall_minutes, reused)
+
+
+def data_behaviours_success(task_name: str, episodes: int, seed: int, batch_size: int) -> float:
+    """The success the training data's own behaviour mixture reaches on the evaluation personas: what BC sampled at
+    temperature 1 should reproduce (the personas and paraphrases differ from training's)."""
+    behaviours = []
+    for name in DEFAULT_MIX:
+        behaviour = BehaviourPolicy(task_name, name)
+        behaviour.name = name
+        behaviours.append(behaviour)
+    report = evaluate(
+        behaviours,
+        load_task(task_name),
+        users="scripted",
+        episodes=episodes,
+        seed=seed,
+        batch_size=batch_size,
+        progress=False,
+    )
+    total = sum(DEFAULT_MIX.values())
+    return sum(DEFAULT_MIX[result.name] * result.success_rate for result in report.results) / total
 
 
 def result_rows(report: EvaluationReport, minutes: dict[str, float]) -> list[tuple[str, ...]]:
@@ -315,7 +351,7 @@ def append_markdown(
     base_model: str,
     device: str,
     n_dialogues: int,
-    data_success: float,
+    data_success: tuple[float, float],
     episodes: int,
     personas: int,
     plot: Path,
@@ -326,8 +362,10 @@ def append_markdown(
         "",
         f"{device_description(device)}, load average {load:.1f} at the end "
         f"({'quiet: nothing else ran' if load < args.threads + 0.5 else 'NOT quiet: other work shared the CPU'}). "
-        f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success:.1%}). Evaluation: {episodes} "
-        f"episodes on held-out personas and paraphrases (seed {EVALUATION_SEED}; {personas} distinct personas), "
+        f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success[0]:.1%}; the same behaviours "
+        f"reach {data_success[1]:.1%} on the evaluation personas, what sampled BC should match). Evaluation: "
+        f"{episodes} episodes on held-out personas and paraphrases (seed {EVALUATION_SEED}; {personas} distinct "
+        "personas), "
         "every conversation opened by the task's opening line as in training and serving; every policy decodes as "
         f"the bot serves it (temperature {DEFAULT_TEMPERATURE:g}, 40 new tokens) except the sampled BC row, the "
         "imitation check. Paired differences in "

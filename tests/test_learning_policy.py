@@ -152,12 +152,31 @@ def test_imitation_stops_once_the_probe_fits_but_the_actor_runs_its_steps(tmp_pa
     assert [point["step"] for point in metrics["imitation_held_out_curve"]] == [3]
     assert metrics["policy_steps"] == 5 and not metrics["stopped_at_fit_target"]
     unreachable = TrainConfig(
-        algorithm="bc", steps=6, eval_every=3, held_out=0.3, fit_target=1.01, base_model=sharp_tiny
+        algorithm="fbc", steps=6, eval_every=3, held_out=0.3, fit_target=1.01, base_model=sharp_tiny
     )
-    bc = load_manifest(train(unreachable, data, out_dir=tmp_path / "bc", progress=False))["metrics"]
-    assert bc["policy_steps"] == 6 and not bc["stopped_at_fit_target"]
-    assert [point["step"] for point in bc["held_out_curve"]] == [3, 6]
-    assert "fit_at_full_knowledge" in bc["held_out_curve"][0]
+    fbc = load_manifest(train(unreachable, data, out_dir=tmp_path / "fbc", progress=False))["metrics"]
+    assert fbc["policy_steps"] == 6 and not fbc["stopped_at_fit_target"]
+    assert [point["step"] for point in fbc["held_out_curve"]] == [3, 6]
+    assert "fit_at_full_knowledge" in fbc["held_out_curve"][0]
+
+
+def test_plain_bc_runs_to_its_held_out_optimum_whatever_the_probe_says(tmp_path: Path, sharp_tiny: str) -> None:
+    """Plain BC must reproduce the data, sampled replies included, which the greedy probe does not measure: a fit
+    target every probe meets stops filtered BC at its first evaluation but not BC."""
+    data = generate_scripted_dialogues("travel", 100, seed=3)
+    runs = {
+        name: TrainConfig(
+            algorithm=name, steps=6, eval_every=3, held_out=0.3, fit_target=0.0, patience=0, base_model=sharp_tiny
+        )
+        for name in ("bc", "fbc")
+    }
+    metrics = {
+        name: load_manifest(train(config, data, out_dir=tmp_path / name, progress=False))["metrics"]
+        for name, config in runs.items()
+    }
+    assert metrics["fbc"]["policy_steps"] == 3 and metrics["fbc"]["stopped_at_fit_target"]
+    assert metrics["bc"]["policy_steps"] == 6 and not metrics["bc"]["stopped_at_fit_target"]
+    assert "fit_at_full_knowledge" in metrics["bc"]["held_out_curve"][0]  # still logged, only not a stop
 
 
 def test_ilql_decoding_picks_the_rare_rewarded_reply_that_bc_does_not(

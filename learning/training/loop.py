@@ -97,6 +97,7 @@ class _Run:
     sampler: MixingSampler
     state: dict[str, Any]  # stage and step counters, resumable
     metrics: dict[str, Any]
+    stop_when_learned: bool  # the task probe may end the policy stage (``TrainConfig.fit_target``)
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +144,15 @@ def train(
     if not _finished(warm):
         imitation = dataclasses.replace(config, algorithm=reference, feature_cache_dir=actor.feature_cache_dir)
         # BC trains on exactly the actor's (rewarded) data; filtered BC on its successful part
-        _train(imitation, dialogues, out_dir=warm, progress=progress, task=task, require_reward=True)
+        _train(
+            imitation,
+            dialogues,
+            out_dir=warm,
+            progress=progress,
+            task=task,
+            require_reward=True,
+            stop_when_learned=True,
+        )
     warm_metrics = load_manifest(warm)["metrics"]
     # the imitation phase's checkpoint is a temporary: what it learned and why it stopped go into the final manifest
     prior = {
@@ -180,10 +189,12 @@ def _train(
     task: TaskSpec | None = None,
     prior: dict[str, Any] | None = None,
     require_reward: bool | None = None,
+    stop_when_learned: bool | None = None,
 ) -> Path:
     """One training run of ``config`` (see :func:`train`); ``prior`` metrics of an earlier phase go into its
     manifest, and their seconds into ``train_seconds``; ``require_reward`` overrides the algorithm's need for
-    rewarded dialogues (critic-awr's imitation phase trains on exactly the actor's data)."""
+    rewarded dialogues (critic-awr's imitation phase trains on exactly the actor's data); ``stop_when_learned``
+    lets the task probe end the policy stage (default: filtered BC only, see ``TrainConfig.fit_target``)."""
     task = task or load_task(config.task)
     seed_everything(config.seed)
     clock = Clock(config.time_limit_minutes)
@@ -318,6 +329,7 @@ def _train(
             sampler=sampler,
             state=state,
             metrics=metrics,
+            stop_when_learned=config.algorithm == "fbc" if stop_when_learned is None else stop_when_learned,
         )
         if config.uses_critic and "turn_weights" not in state:
             _critic_stage(run, hidden_size)
@@ -411,7 +423,7 @@ def _policy_stage(
     )
     tokens, started = 0, time.monotonic()
     stopper = EarlyStopping(config.patience, lora_params)
-    fit_target = config.fit_target if config.algorithm in ("bc", "fbc") else None
+    fit_target = config.fit_target if run.stop_when_learned else None
     learned = False
     curve: list[dict[str, float]] = metrics.setdefault("held_out_curve", [])
     interrupted = False
