@@ -88,8 +88,8 @@ class CriticConfig:
     #: trains on them alone and only their turns keep ``bc_floor``) or "bc" (every dialogue). Measured by
     #: bench/rl_vs_bc.py with probe-stopped imitation: from "bc", critic-awr reached 78.0 % on travel where
     #: filtered BC alone reached 93.0 % — imitating failed dialogues at weight ≥ 1 pulls the actor back towards
-    #: the data's 37 %; on teaching it led filtered BC (66.5 % vs 59.5 %). From "fbc": 98.0 % on travel (FBC 93.0 %)
-    #: and 90.0 % on teaching (FBC 59.5 %), 200 held-out episodes each.
+    #: the data's 37 %; on teaching it led filtered BC (66.5 % vs 59.5 %). From "fbc": 98.0 % on travel (FBC 93.0 %
+    #: on one CPU, 61.5 % on another: 98.0 % on both) and 90.0 % on teaching (FBC 59.5 %), 200 held-out episodes each.
     reference: Literal["bc", "fbc"] = "fbc"
     #: Critic steps between held-out evaluations.
     eval_every: int = 50
