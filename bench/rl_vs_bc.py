@@ -267,7 +267,7 @@ def main() -> None:
     shutil.copyfile(files.plot, plot)
     shutil.copyfile(work / "report" / "transcripts.md", results / f"rl_vs_bc-{args.task}-transcripts.md")
     append_markdown(
-        args, rows, failures, base_model, device, n_dialogues, (data_success, data_on_eval), episodes, personas, plot
+        args, rows, failures, base_model, device, n_dialogues, data_success, data_on_eval, episodes, personas, plot
     )
     append_markdown_times(args, eval_minutes, wall_minutes, reused)
 
@@ -351,7 +351,8 @@ def append_markdown(
     base_model: str,
     device: str,
     n_dialogues: int,
-    data_success: tuple[float, float],
+    data_success: float,
+    data_on_eval: float,
     episodes: int,
     personas: int,
     plot: Path,
@@ -362,8 +363,8 @@ def append_markdown(
         "",
         f"{device_description(device)}, load average {load:.1f} at the end "
         f"({'quiet: nothing else ran' if load < args.threads + 0.5 else 'NOT quiet: other work shared the CPU'}). "
-        f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success[0]:.1%}; the same behaviours "
-        f"reach {data_success[1]:.1%} on the evaluation personas, what sampled BC should match). Evaluation: "
+        f"Data: {n_dialogues} scripted dialogues (behaviour success {data_success:.1%}; the same behaviours "
+        f"reach {data_on_eval:.1%} on the evaluation personas, what sampled BC should match). Evaluation: "
         f"{episodes} episodes on held-out personas and paraphrases (seed {EVALUATION_SEED}; {personas} distinct "
         "personas), "
         "every conversation opened by the task's opening line as in training and serving; every policy decodes as "
