@@ -40,6 +40,12 @@ def amx_available(device: torch.device) -> bool:
         return False
 
 
+def bf16_instructions(device: torch.device) -> bool:
+    """Whether this CPU has bf16 instructions (AMX tiles or AVX512-BF16) rather than emulating bf16 products
+    with conversions: where it has none, bf16 weights only add work to a memory-bound decode step."""
+    return device.type == "cpu" and (amx_available(device) or "avx512_bf16" in _cpu_flags())
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products beat fp32 here, so that training under bf16 autocast is faster: on CUDA, with
     AMX tiles, and where the CPU has AVX512-BF16 and a one-time product (~0.2 s) confirms it — AMD's Zen 4 runs

@@ -1,25 +1,28 @@
 """A continuous-batching decode engine for Llama-architecture models (SmolLM2 and the tiny test model).
 
 Why not ``model.generate`` or :func:`learning.decoding.decode`: a decode step of a 135M model on a small CPU
-streams every weight from memory for a handful of rows, so it is bound by memory bandwidth (~5 GB/s for one
-core of the 2-core Xeon these sessions run on) and by per-call overhead. Measured there, one thread, weights
-streamed cold (30 layers + the output layer per step):
+streams every weight from memory for a handful of rows, so it is bound by memory bandwidth and by per-call
+overhead, and the layout of each product decides how close it gets. Measured (weights streamed cold, 30 layers
++ the output layer per step):
 
-* up to 16 rows: oneDNN-packed bf16 weights (``avx512_bf16``) read half the bytes: 0.6-0.75× the fp32 time;
-* 32 rows and more (and prefill, where a step covers hundreds of tokens) are compute-bound: with AMX tiles
-  (``amx_bf16``, Sapphire Rapids and later) bf16 products run ~5× the fp32 rate (one core, 576 × 3072: 627 vs
-  122 GFLOP/s at 872 rows, 204 vs 54 at 16), so every row count uses bf16 there; without AMX, fp32 is as fast or
-  faster from 32 rows on, and exact;
+* fp32, every CPU: weights kept transposed for ``torch.mm`` (2-2.5× faster than ``F.linear`` for 4-32 rows on
+  a 2-core AVX-512 Xeon), and the wide ones (gate/up, the output layer) also pre-packed for oneDNN, which takes
+  2-512 rows at 0.70-0.89× the time of ``torch.mm`` (:class:`Projection`);
+* with AVX512-BF16 (no AMX), up to 16 rows: oneDNN-packed bf16 weights read half the bytes: 0.6-0.75× the
+  time of ``F.linear`` in fp32; without bf16 instructions bf16 is emulated and no faster than transposed fp32;
+* with AMX tiles (``amx_bf16``, Sapphire Rapids and later) bf16 products run ~5× the fp32 rate from 32 rows
+  on (one core, 576 × 3072: 627 vs 122 GFLOP/s at 872 rows, 204 vs 54 at 16), so every row count uses bf16;
 * autocast, which ``decode`` and ``generate`` used, re-casts every weight on every step: slower than either.
 
-So every projection keeps both layouts and picks one per call (:class:`Projection`), q/k/v and gate/up are
-fused into one product each, the rotary table is computed once and the attention mask once per step.
+q/k/v and gate/up are fused into one product each, rotary embedding turns queries and keys in one pass, the
+residual additions happen inside the products, and the attention mask is built once per step.
 
 The KV cache is per row (slot), not left-padded: every row has its own length, so a chat joins a running batch
 by prefilling only its own prompt, and a finished row leaves at once (the last row moves into its slot). Each
 row's keys and values are at absolute positions from 0, which is what lets a conversation's next turn reuse the
 previous turn's cache (:class:`PrefixCache`): the new prompt shares its first tokens with what was decoded, so
-only the new messages are encoded.
+only the new messages are encoded; the start every conversation shares (system prompt, opening line) is encoded
+once and pinned (:meth:`DecodeEngine.pin`), so a new chat encodes only its own messages too.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from learning.decoding import DecodeConfig
-from learning.devices import amx_available
+from learning.devices import amx_available, bf16_instructions
 from learning.ilql import ValueHeads, token_advantages, utterance_scores
 from learning.lora import causal_lm
 
@@ -51,6 +54,11 @@ LAYER_BF16_ROWS = 16
 HEAD_BF16_ROWS = 32
 #: With AMX tiles bf16 wins at every row count (see the module docstring): no limit.
 AMX_BF16_ROWS = 1 << 30
+#: Wide fp32 projections (out ≥ ``WIDE_PROJECTION`` × in: the MLP's gate/up, the output layer) take oneDNN's
+#: pre-packed layout for these row counts: 0.70-0.89× the time of ``torch.mm`` from 2 to 512 rows on a 2-core
+#: AVX-512 Xeon (1 and 2 threads), 1.2× at one row and 1.1-1.3× at 1024, where ``torch.mm`` keeps them.
+PACKED_FP32_ROWS = range(2, 513)
+WIDE_PROJECTION = 4
 
 
 def engine_supports(model: torch.nn.Module) -> bool:
@@ -78,7 +86,10 @@ class Projection:
     """``x·Wᵀ + b`` in the layout that is fastest for the number of rows (see the module docstring).
 
     ``bf16_rows`` is the most rows that use the bf16 weight (0: always fp32, which is what tests compare with
-    plain decoding). Only the layouts a projection can use are kept in memory.
+    plain decoding). The fp32 weight is kept transposed, ``[in, out]`` contiguous, for ``torch.mm``: measured on
+    a 2-core AVX-512 Xeon (MKL, 2 threads), ``F.linear`` over the ``[out, in]`` layout took 2-2.5× as long for
+    4-32 rows (576 → 3072: 16 rows 1.38 vs 0.58 ms; the 49k output layer: 25.0 vs 10.6 ms) and the same from 64
+    rows on. Only the layouts a projection can use are kept in memory.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, bf16_rows: int) -> None:
@@ -86,7 +97,11 @@ class Projection:
         self.out_features, self.in_features = weight.shape
         self.bf16_rows = bf16_rows
         self.bias = bias.detach().float() if bias is not None else None
-        self.weight = weight.float()  # the model's own tensor where it is fp32 already: no copy
+        fp32_used = bf16_rows < AMX_BF16_ROWS  # with AMX every call is bf16
+        self.weight_t = weight.float().t().contiguous() if fp32_used else None  # [in, out]
+        self.packed_fp32: torch.Tensor | None = None
+        if fp32_used and self.out_features >= WIDE_PROJECTION * self.in_features:
+            self.packed_fp32 = _packed_fp32(weight.float().contiguous())
         self.packed: torch.Tensor | None = None
         self.weight_bf16: torch.Tensor | None = None
         if bf16_rows > 0:
@@ -96,18 +111,44 @@ class Projection:
             else:
                 self.weight_bf16 = weight.to(torch.bfloat16).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x·Wᵀ + b``, plus ``residual`` where given (added inside the product in fp32: one op fewer)."""
         rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        shape = (*x.shape[:-1], self.out_features)
+        if rows > self.bf16_rows and self.packed_fp32 is not None and rows in PACKED_FP32_ROWS:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_fp32, self.bias, "none", [], "").reshape(shape)
+            return out if residual is None else residual + out
+        if rows > self.bf16_rows and residual is not None:
+            assert self.weight_t is not None
+            base = residual.reshape(rows, self.out_features)
+            if self.bias is not None:
+                base = base + self.bias
+            return torch.addmm(base, flat, self.weight_t).reshape(shape)
         if rows <= self.bf16_rows:
-            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            flat = flat.to(torch.bfloat16)
             if self.packed is not None:
                 out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias_bf16, "none", [], "")
             else:
                 assert self.weight_bf16 is not None
                 bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
                 out = F.linear(flat, self.weight_bf16, bias)
-            return out.float().reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            out = out.float()
+        else:
+            assert self.weight_t is not None
+            out = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        out = out.reshape(shape)
+        return out if residual is None else residual + out
+
+
+def _packed_fp32(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in oneDNN's pre-packed fp32 layout, or ``None`` where this torch has no oneDNN for it."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
 
 
 def _cat_bias(*modules: torch.nn.Module) -> torch.Tensor | None:
@@ -151,9 +192,11 @@ class Tower:
         self.act = decoder.layers[0].mlp.act_fn
         self.embedding = decoder.embed_tokens.weight.detach()
         amx = amx_available(self.device)
-        # without AMX tiles or oneDNN's packed bf16 (a CPU with AVX2 only) bf16 products are emulated: 4-8× slower
-        # than fp32 from 16 rows on (AMD EPYC, 576 × 1536), so such a CPU decodes in fp32
-        bf16 = bf16 and (amx or _packed_bf16_available(self.device))
+        # without bf16 instructions (AMX tiles or AVX512-BF16) bf16 products are emulated: 4-8× slower than fp32
+        # from 16 rows on with AVX2 (AMD EPYC, 576 × 1536), and on an AVX-512 Xeon without them no faster than
+        # the transposed fp32 product even at 1 row (the output layer: 3.69 vs 3.58 ms), so such a CPU decodes
+        # in fp32
+        bf16 = bf16 and bf16_instructions(self.device) and _packed_bf16_available(self.device)
         layer_rows = (AMX_BF16_ROWS if amx else LAYER_BF16_ROWS) if bf16 else 0
         head_rows = (AMX_BF16_ROWS if amx else HEAD_BF16_ROWS) if bf16 else 0
         self.layers: list[_Layer] = []
@@ -182,17 +225,16 @@ class Tower:
         positions = torch.arange(self.max_positions, device=self.device).unsqueeze(0)
         with torch.inference_mode():
             cos, sin = decoder.rotary_emb(torch.zeros(1, device=self.device), positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # [positions, head_dim]
+        # [positions, head_dim]; rotate_half(x)·sin = roll(x, D/2)·(sin with its first half negated): one roll
+        # instead of two slices, a negation and a concatenation, for queries and keys together
+        half = self.head_dim // 2
+        self.cos = cos[0].float()
+        self.signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).float()
         self.bytes_per_token = len(self.layers) * 2 * self.kv_heads * self.head_dim * 4
 
     def new_cache(self, slots: int, capacity: int) -> torch.Tensor:
         """An empty cache for ``slots`` rows of up to ``capacity`` tokens."""
         return torch.zeros((len(self.layers), 2, slots, self.kv_heads, capacity, self.head_dim), device=self.device)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
 
     @torch.inference_mode()
     def forward(
@@ -211,8 +253,8 @@ class Tower:
         batch, width = tokens.shape
         positions = starts.unsqueeze(1) + torch.arange(width, device=tokens.device)  # [B, n]
         positions = positions.clamp(max=cache.shape[4] - 1)
-        cos = self.cos[positions].unsqueeze(1)  # [B, 1, n, D]
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions].unsqueeze(2)  # [B, n, 1, D]
+        signed_sin = self.signed_sin[positions].unsqueeze(2)
         span = int((starts + lengths).max())
         keys = torch.arange(span, device=tokens.device)
         mask = keys.view(1, 1, span) <= positions.unsqueeze(-1)  # [B, n, T]: causal, per row
@@ -221,27 +263,27 @@ class Tower:
         # additive once per step, rather than SDPA converting the boolean mask in every layer
         mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         rows = torch.arange(batch, device=tokens.device).unsqueeze(1)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        qk_size, kv_size = (self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim
+        half = self.head_dim // 2
         hidden = F.embedding(tokens, self.embedding).float()
         for index, layer in enumerate(self.layers):
             normed = F.rms_norm(hidden, (self.hidden_size,), layer.input_norm, self.eps)
-            q, k, v = layer.qkv(normed).split((q_size, kv_size, kv_size), dim=-1)
-            q = self._rotate(q.view(batch, width, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(batch, width, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(batch, width, self.kv_heads, self.head_dim)
+            qk, v = layer.qkv(normed).split((qk_size, kv_size), dim=-1)
+            qk = qk.view(batch, width, self.heads + self.kv_heads, self.head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), signed_sin)  # rotary, queries and keys at once
             layer_cache = cache[index, :, first : first + batch]
-            layer_cache[0][rows, :, positions] = k.transpose(1, 2)
-            layer_cache[1][rows, :, positions] = v
+            layer_cache[0][rows, :, positions] = qk[:, :, self.heads :]
+            layer_cache[1][rows, :, positions] = v.view(batch, width, self.kv_heads, self.head_dim)
             # grouped-query attention without copying keys: the `group` query heads of one key head are rows
-            q = q.reshape(batch, self.kv_heads, self.group * width, self.head_dim)
+            q = qk[:, :, : self.heads].transpose(1, 2).reshape(batch, self.kv_heads, self.group * width, self.head_dim)
             attended = F.scaled_dot_product_attention(
                 q, layer_cache[0, :, :, :span], layer_cache[1, :, :, :span], attn_mask=mask
             )
             attended = attended.reshape(batch, self.heads, width, self.head_dim).transpose(1, 2)
-            hidden = hidden + layer.o(attended.reshape(batch, width, q_size))
+            hidden = layer.o(attended.reshape(batch, width, self.heads * self.head_dim), residual=hidden)
             normed = F.rms_norm(hidden, (self.hidden_size,), layer.post_norm, self.eps)
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
-            hidden = hidden + layer.down(self.act(gate) * up)
+            hidden = layer.down(self.act(gate) * up, residual=hidden)
         return F.rms_norm(hidden, (self.hidden_size,), self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -264,7 +306,9 @@ class PrefixCache:
     A conversation's next prompt is its previous prompt + the reply + the new message: the longest stored
     sequence sharing its first tokens is found and copied instead of recomputed. Bounded by ``max_bytes``
     (least recently used first out) and by ``ttl_s`` of disuse, so a conversation's entry goes about when its
-    session does; an entry that a longer one extends is replaced by it. Thread-safe.
+    session does; an entry that a longer one extends is replaced by it. Pinned entries (:meth:`pin`: the start
+    every conversation shares) stay until :meth:`clear` is told to drop them, outside the byte bound.
+    Thread-safe.
     """
 
     def __init__(self, *, max_bytes: int, ttl_s: float = 1800.0, min_tokens: int = 8) -> None:
@@ -272,6 +316,7 @@ class PrefixCache:
         self.ttl_s = ttl_s
         self.min_tokens = min_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._pinned: dict[int, _Entry] = {}
         self._lock = threading.Lock()
         self._next_id = 0
         self.bytes = 0
@@ -280,17 +325,17 @@ class PrefixCache:
         self.lookup_tokens = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._pinned)
 
     def lookup(self, prompt: Sequence[int]) -> tuple[int | None, int, list[torch.Tensor]]:
         """``(entry id, matched tokens, caches)`` of the longest stored prefix of ``prompt`` (at most all but one)."""
-        if self.max_bytes <= 0 or len(prompt) < 2:
+        if len(prompt) < 2 or (self.max_bytes <= 0 and not self._pinned):
             return None, 0, []
         query = torch.tensor(list(prompt), dtype=torch.long)
         best: tuple[int | None, int, list[torch.Tensor]] = (None, 0, [])
         with self._lock:
             self._expire()
-            for key, entry in self._entries.items():
+            for key, entry in [*self._pinned.items(), *self._entries.items()]:
                 width = min(len(query) - 1, len(entry.tokens))
                 if width <= best[1]:
                     continue
@@ -298,7 +343,7 @@ class PrefixCache:
                 matched = int(differs[0]) if len(differs) else width
                 if matched > best[1]:
                     best = (key, matched, entry.caches)
-            if best[0] is not None:
+            if best[0] in self._entries:
                 self._entries[best[0]].used = time.monotonic()
                 self._entries.move_to_end(best[0])
             self.lookup_tokens += len(query)
@@ -314,7 +359,7 @@ class PrefixCache:
             return
         entry = _Entry(torch.tensor(list(tokens), dtype=torch.long), caches, time.monotonic(), size)
         with self._lock:
-            if replaces is not None and replaces in self._entries:
+            if replaces is not None and replaces in self._entries:  # never a pinned entry
                 old = self._entries[replaces]
                 if len(old.tokens) <= len(entry.tokens) and torch.equal(old.tokens, entry.tokens[: len(old.tokens)]):
                     self.bytes -= self._entries.pop(replaces).size
@@ -324,11 +369,22 @@ class PrefixCache:
             while self.bytes > self.max_bytes and self._entries:
                 self.bytes -= self._entries.popitem(last=False)[1].size
 
-    def clear(self) -> None:
-        """Drop every entry (the policy is closing)."""
+    def pin(self, tokens: Sequence[int], caches: list[torch.Tensor]) -> None:
+        """Keep ``caches`` for ``tokens`` until :meth:`clear` drops pinned entries (no bound, no expiry)."""
+        entry = _Entry(
+            torch.tensor(list(tokens), dtype=torch.long), caches, time.monotonic(), sum(c.nbytes for c in caches)
+        )
+        with self._lock:
+            self._pinned[self._next_id] = entry
+            self._next_id += 1
+
+    def clear(self, *, pinned: bool = False) -> None:
+        """Drop every conversation's entry, and the pinned ones too where ``pinned`` (the policy is closing)."""
         with self._lock:
             self._entries.clear()
             self.bytes = 0
+            if pinned:
+                self._pinned.clear()
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s
@@ -422,6 +478,23 @@ class DecodeEngine:
     ) -> RunningBatch:
         """An empty running batch (one per thread of control: the bot's worker, or one ``generate`` call)."""
         return RunningBatch(self, generator=generator, should_stop=should_stop)
+
+    @torch.inference_mode()
+    def pin(self, tokens: Sequence[int]) -> None:
+        """Encode ``tokens`` once and keep their keys and values for good: the start every conversation shares
+        (the system prompt and the opening line), so a new chat prefills only its own messages."""
+        if len(tokens) < self.prefix.min_tokens:
+            return
+        ids, start, length = torch.tensor([list(tokens)]), torch.zeros(1, dtype=torch.long), torch.tensor([len(tokens)])
+        value_only = [self.value] if self.value is not None and not self.lockstep else []
+        with self.lock:
+            for towers, prefix in ((self.towers, self.prefix), (value_only, self.value_prefix)):
+                if not towers:
+                    continue
+                caches = [tower.new_cache(1, len(tokens)) for tower in towers]
+                for tower, cache in zip(towers, caches, strict=True):
+                    tower.forward(cache, 0, ids, start, length)
+                prefix.pin(tokens, [cache[:, :, 0] for cache in caches])
 
     def repeats(self) -> int:
         """Rows per prompt: K when reranking utterances, else 1."""
@@ -687,11 +760,11 @@ class RunningBatch:
         self._finish()
 
     def _finish(self) -> None:
-        index = 0
-        while index < len(self.rows):
+        # from the end: a finished row's slot is filled by the last row, which is then a live one, so rows that
+        # finish together leave without moving each other's caches
+        for index in range(len(self.rows) - 1, -1, -1):
             row = self.rows[index]
             if not row.done:
-                index += 1
                 continue
             request = row.request
             request._finished_rows += 1

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from imagine.task import load_task
 from learning.base_model import tiny_model
@@ -95,6 +96,32 @@ def test_prefix_cache_is_bounded_and_expires() -> None:
     assert cache.lookup(list(range(400, 420)))[1] == 0 and len(cache) == 0
 
 
+def test_a_pinned_conversation_start_serves_every_chat_and_outlives_eviction_expiry_and_clear(tiny: tuple) -> None:
+    model, tokenizer, prompts = tiny
+    start = tokenizer.encode("system: you are a brief travel agent. agent: where to?")
+    chats = [start + p for p in prompts]
+    reference = DecodeEngine(model, config=fp32(), end_id=NEVER, prefix_cache_bytes=0).generate(chats)
+    engine = DecodeEngine(model, config=fp32(), end_id=NEVER, prefix_cache_bytes=1)  # no conversation fits
+    engine.pin(start)
+    before = engine.prefix.hit_tokens
+    assert engine.generate(chats) == reference
+    assert engine.prefix.hit_tokens - before == len(start) * len(chats)  # each chat encoded only its own tokens
+    engine.prefix.ttl_s = 0.0
+    engine.prefix.clear()
+    assert engine.prefix.lookup(chats[0])[1] == len(start)  # neither expiry nor a plain clear drops it
+    engine.prefix.clear(pinned=True)  # the policy is closing
+    assert engine.prefix.lookup(chats[0])[1] == 0 and len(engine.prefix) == 0
+
+
+def test_a_conversation_extending_the_pinned_start_never_replaces_it() -> None:
+    cache = PrefixCache(max_bytes=10_000, min_tokens=2)
+    cache.pin(list(range(10)), [torch.zeros(1, 2, 1, 10, 6)])
+    key, matched, _ = cache.lookup(list(range(15)))
+    assert matched == 10
+    cache.store(list(range(14)), [torch.zeros(1, 2, 1, 14, 6)], replaces=key)  # as a finished row does
+    assert len(cache) == 2 and cache.lookup([*range(10), 99, 98])[1] == 10
+
+
 def test_rows_join_a_running_batch_and_leave_when_done(tiny: tuple) -> None:
     model, _, prompts = tiny
     solo = [DecodeEngine(model, config=fp32(), end_id=NEVER, prefix_cache_bytes=0).generate([p])[0] for p in prompts]
@@ -147,6 +174,20 @@ def test_token_level_ilql_with_a_lockstep_value_trunk_matches_decode(tiny: tuple
     reference = decode(model, prompts, pad_id=0, **options).tokens
     assert DecodeEngine(model, **options).generate(prompts) == reference
     assert reference != decode(model, prompts, pad_id=0, end_id=NEVER, config=fp32()).tokens  # the heads mattered
+
+
+def test_every_fp32_layout_of_a_projection_gives_the_same_product() -> None:
+    torch.manual_seed(0)
+    wide, narrow = torch.randn(256, 64) * 0.05, torch.randn(64, 256) * 0.05
+    bias = torch.randn(256)
+    for rows in (1, 3, 40, 600):  # torch.mm, oneDNN's packed fp32 (wide, 2-512 rows), torch.mm again
+        x = torch.randn(rows, 64)
+        residual = torch.randn(rows, 256)
+        projection = Projection(wide, bias, bf16_rows=0)
+        assert torch.allclose(projection(x), F.linear(x, wide, bias), atol=1e-5)
+        assert torch.allclose(projection(x, residual=residual), residual + F.linear(x, wide, bias), atol=1e-5)
+        y = torch.randn(rows, 256)
+        assert torch.allclose(Projection(narrow, None, bf16_rows=0)(y), F.linear(y, narrow), atol=1e-5)
 
 
 def test_bf16_projection_stays_close_to_fp32() -> None:

@@ -229,6 +229,25 @@ async def test_base_policy_replies_in_plain_text_and_micro_batches_concurrent_ca
         await policy.respond(HISTORY)
 
 
+async def test_the_worker_decodes_with_the_policys_threads_and_follows_a_change() -> None:
+    policy = load_policy("base", task=TASK, base_model="tiny", max_new_tokens=4, threads=1)
+    caller_threads = torch.get_num_threads()
+    try:
+        assert policy.engine is not None and len(policy.engine.prefix) == 1  # the conversation start, pinned
+        before = policy.engine.prefix.hit_tokens
+        await policy.respond(HISTORY)
+        assert policy.batcher.worker_threads == 1
+        pinned, prompt = policy.prompt_ids(HISTORY[:1]), policy.prompt_ids(HISTORY)
+        shared = next(i for i, (a, b) in enumerate(zip(pinned, prompt, strict=False)) if a != b)
+        assert policy.engine.prefix.hit_tokens - before == shared > 10  # only the user's message was encoded
+        policy.threads = 2
+        await policy.respond([*HISTORY, Message("user", "and one more thing")])
+        assert policy.batcher.worker_threads == 2 and policy.threads == 2
+        assert torch.get_num_threads() == caller_threads  # sizes are per thread: the caller's stays as it was
+    finally:
+        policy.close()
+
+
 def test_load_policy_refuses_missing_corrupt_and_mismatched_checkpoints(
     checkpoints: dict[str, Path], sharp_tiny: str, tmp_path: Path
 ) -> None:
