@@ -87,9 +87,12 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[min(998, max(0, round(q * 1000) - 1))]
 
 
-def load_policy_for(name: str, model_cache_dir: Path | None, max_new_tokens: int, base_model: str = "smollm2"):
+def load_policy_for(
+    name: str, model_cache_dir: Path | None, max_new_tokens: int, base_model: str = "smollm2", *, threads: int = 1
+):
     """The prompted base policy on ``tiny`` (random) or ``smollm2`` (bundled), or ``checkpoint:PATH``: a trained
-    checkpoint (the default policy, BC, ILQL, …) on ``base_model``."""
+    checkpoint (the default policy, BC, ILQL, …) on ``base_model``; it decodes with ``threads``, as the bot's
+    loader sets it (``bot.server.policy_loader``)."""
     from imagine.task import load_task
     from learning.policy import load_policy
 
@@ -98,7 +101,9 @@ def load_policy_for(name: str, model_cache_dir: Path | None, max_new_tokens: int
     else:
         source, base = "base", name
     kwargs = {"cache_dir": model_cache_dir} if model_cache_dir is not None and base != "tiny" else {}
-    return load_policy(source, task=load_task("travel"), base_model=base, max_new_tokens=max_new_tokens, **kwargs)
+    return load_policy(
+        source, task=load_task("travel"), base_model=base, max_new_tokens=max_new_tokens, threads=threads, **kwargs
+    )
 
 
 def policy_label(name: str, policy: object) -> str:
@@ -363,7 +368,9 @@ async def main_async(args: argparse.Namespace) -> list[LoadResult]:
     )
     with Progress(*columns, console=console) as progress:
         for policy_name in args.policies:
-            policy = load_policy_for(policy_name, args.model_cache_dir, args.max_new_tokens, args.checkpoint_base_model)
+            policy = load_policy_for(
+                policy_name, args.model_cache_dir, args.max_new_tokens, args.checkpoint_base_model, threads=args.threads
+            )
             label = policy_label(policy_name, policy)
             try:
                 results += await load_series(label, policy, args, progress)
@@ -396,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON summary goes")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "reverie" / "models")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (2 crawls when the 2 cores are shared)"
+        "--threads", type=int, default=1, help="the policy's decoding threads (serving's share, kept from training)"
     )
     parser.add_argument(
         "--during-training", action="store_true", help="repeat each load while a `reverie train` child runs"
@@ -417,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # this thread only loads; the policy's worker decodes with --threads
     os.environ.setdefault("TORCH_THREADS", str(args.threads))  # what run_step keeps free for serving
     args.load_start = os.getloadavg()[0]
     logging.basicConfig(level=logging.WARNING)

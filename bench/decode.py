@@ -13,12 +13,16 @@ way — plain sampling through the policy trunk — so one row stands for all of
 adds ``β·(Q̄ − V)`` over the top-k (value features from the policy trunk, or from the base trunk decoding in
 lockstep); utterance-level ILQL samples K replies per prompt and reranks them.
 
-Also measured: a conversation's second turn with and without the prefix cache (its first turn's keys/values).
+Every timed reply of ours encodes its whole prompt except the conversation start (system prompt and opening
+line) that a policy pins at load, as the serving bot does; the same rows with nothing cached at all ("cold",
+measured after the second-turn rows) show what the pin is worth. Also measured: a conversation's second turn with
+and without the prefix cache (its first turn's keys/values).
 
 Each group of rows (the HF references, then each policy kind) runs in a fresh process, and every reply of ours goes
-through ``respond`` — the batcher thread, the one thread that decodes in the serving bot. Measured in one process,
-HF's OpenMP team on the main thread slowed the batcher's by about 30 % (1 chat 15 vs 25.7 tok/s in a fresh process),
-a cost the bot does not pay.
+through ``respond`` — the batcher thread, the one thread that decodes in the serving bot, with ``--threads``; the
+main thread, which only loads, keeps one thread, as the bot's loader does. GNU OpenMP keeps each thread's pool for
+good and stops spinning between parallel regions once its pools hold more threads than there are CPUs: with HF's
+or a loader's team of two beside the batcher's, one-row steps ran ~1.5× slower (18.4 vs 28.0 tok/s).
 
 Writes the table (with whether the machine was declared quiet) to BENCHMARKS.md and a summary to
 ``bench/results/decode.json``, unless ``--no-append``.
@@ -142,6 +146,7 @@ class Bench:
             value_model=value_model,
             decode_config=decode_config,
             max_batch=max(self.args.chats),
+            threads=self.args.threads,
         )
         assert policy.engine is not None, "the engine does not support this model"
         policy._end_id = NEVER
@@ -153,7 +158,9 @@ class Bench:
 
         def run() -> None:
             assert policy.engine is not None
-            policy.engine.prefix.clear()  # the timed run encodes its prompt like generate does
+            # the timed run encodes its prompt as generate does, but for the conversation start the policy
+            # pinned at load (after --cold: all of it)
+            policy.engine.prefix.clear()
             policy.engine.value_prefix.clear()
             asyncio.run(policy.respond(history))
 
@@ -168,6 +175,7 @@ class Bench:
         def run() -> None:
             assert policy.engine is not None
             policy.engine.prefix.clear()
+            policy.engine.value_prefix.clear()
             asyncio.run(concurrent())
 
         return run
@@ -180,7 +188,7 @@ class Bench:
         second = [*first, Message("agent", reply), Message("user", "Yes, and we like wine too. Any idea?")]
         cached = self.timed(lambda: asyncio.run(policy.respond(second)))  # the warm-up stores the second turn too
         max_bytes = policy.engine.prefix.max_bytes
-        policy.engine.prefix.clear()
+        policy.engine.prefix.clear(pinned=True)  # nothing cached, not even the conversation start
         policy.engine.prefix.max_bytes = 0
         uncached = self.timed(lambda: asyncio.run(policy.respond(second)))
         policy.engine.prefix.max_bytes = max_bytes
@@ -264,6 +272,20 @@ class Bench:
                 cached, uncached = self.second_turn(policy)
                 turn = {"cached_s": cached, "uncached_s": uncached}
                 self.console.print(f"second turn: {cached:.2f} s cached, {uncached:.2f} s uncached")
+                # the pinned conversation start is gone now: the same rows with every prompt token encoded
+                self.add(
+                    f"{row_key}_1_stream_cold",
+                    f"{label}, 1 stream, nothing cached",
+                    1,
+                    self.timed(self.one_stream(policy)),
+                )
+                for count in (c for c in chat_counts if c > 1):
+                    self.add(
+                        f"{row_key}_{count}_chats_cold",
+                        f"{label}, {count} concurrent chats, nothing cached",
+                        count,
+                        self.timed(self.chats(policy, count)),
+                    )
         finally:
             policy.close()
         return self.rows, turn
@@ -273,8 +295,12 @@ KIND_ORDER = ("default", "token_ilql_policy_features", "token_ilql_base_features
 
 
 def measure(args: argparse.Namespace, group: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """One group of rows in this (fresh) process: ``reference`` or a policy kind."""
-    torch.set_num_threads(args.threads)
+    """One group of rows in this (fresh) process: ``reference`` or a policy kind.
+
+    HF ``generate`` computes on this main thread with ``--threads``; a policy decodes on its worker thread with
+    ``--threads`` while this thread, which only loads, keeps one — as the bot's loader does (see
+    ``LearnedPolicy.threads``)."""
+    torch.set_num_threads(args.threads if group == "reference" else 1)
     bench = Bench(args)
     if group == "reference":
         return bench.reference_rows(), {}

@@ -70,7 +70,9 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
 
         from learning.policy import load_policy  # torch and transformers load only when a policy is needed
 
-        policy = load_policy(
+        # loading computes little; one thread here keeps OpenMP's pools within the CPUs (LearnedPolicy.threads)
+        torch.set_num_threads(1)
+        return load_policy(
             source,
             task=task,
             base_model=settings.base_model,
@@ -81,9 +83,8 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
             temperature=settings.temperature,
             top_k=settings.top_k,
             beta=settings.beta,
+            threads=settings.resolved_torch_threads,  # the one place serving sets its thread count
         )
-        torch.set_num_threads(settings.resolved_torch_threads)  # the one place serving sets its thread count
-        return policy
 
     return load
 
