@@ -211,16 +211,22 @@ class ImprovementLoop:
 
     async def _child(self, name: str, command: list[str], run_dir: Path, time_limit_s: float) -> None:
         """Run step ``name`` as a child (log ``<run_dir>/<name>.log``, the settings as its environment), lent the
-        serving CPUs while serving is quiet."""
+        serving CPUs while serving is quiet; serving decodes with its share of the CPUs meanwhile."""
         log_path = run_dir / f"{name}.log"
-        await _step(
-            name,
-            command,
-            log_path=log_path,
-            time_limit_s=time_limit_s,
-            env=self.settings.as_env(),
-            lend_when=self._lend_when(),
-        )
+        if self.holder is not None:  # serving keeps its share of the CPUs, the child gets the rest
+            self.holder.set_threads(self.settings.resolved_torch_threads)
+        try:
+            await _step(
+                name,
+                command,
+                log_path=log_path,
+                time_limit_s=time_limit_s,
+                env=self.settings.as_env(),
+                lend_when=self._lend_when(),
+            )
+        finally:
+            if self.holder is not None:
+                self.holder.set_threads(self.settings.resolved_idle_torch_threads)
 
     def _lend_when(self) -> Callable[[], bool] | None:
         """When a child may have the serving CPUs too: serving quiet for ``IMPROVE_LEND_CPUS_AFTER_S``."""

@@ -3,6 +3,8 @@
 A turn leases the policy once at its start (``with holder.current() as policy:``) and uses that object
 until it ends, so a swap in the middle of a turn never mixes two models. :meth:`PolicyHolder.swap`
 installs the new policy at once for every later turn; the old one is closed when its last lease ends.
+The holder also owns how many threads serving decodes with now (:meth:`PolicyHolder.set_threads`): all the
+CPUs while nothing else of ours computes, serving's share while an improvement run's child does.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ class PolicyHolder:
     Thread-safe, so the improvement loop may swap from a worker thread while turns run on the event loop.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, threads: int | None = None) -> None:
         self._lock = threading.Lock()
         self._active = policy
+        self._threads = threads
+        _apply_threads(policy, threads)
         self._leases: dict[int, int] = {}  # id(policy) -> leases held
         self._retiring: dict[int, Policy] = {}  # swapped out, waiting for their last lease
         self._closed = False
@@ -66,6 +70,20 @@ class PolicyHolder:
     def name(self) -> str:
         """Short label of the active policy."""
         return self._active.name
+
+    @property
+    def threads(self) -> int | None:
+        """Threads serving decodes with now (``None``: as each policy was loaded)."""
+        return self._threads
+
+    def set_threads(self, threads: int | None) -> None:
+        """Decode with ``threads`` from the active policy's next step on, and give every later swap the same
+        (a policy without a ``threads`` attribute — not the engine's — is left as it is)."""
+        with self._lock:
+            self._threads = threads
+            policy = self._active
+        _apply_threads(policy, threads)
+        logger.info("serving decodes with %s threads", threads)
 
     def current(self) -> PolicyLease:
         """Lease the active policy for one turn: ``with holder.current() as policy: ...``."""
@@ -91,6 +109,7 @@ class PolicyHolder:
             if self._closed:
                 raise RuntimeError("the policy holder is closed")
             old, self._active = self._active, new
+            _apply_threads(new, self._threads)
             to_close = None
             if old is not new and close_old:
                 if self._leases.get(id(old), 0) == 0:
@@ -121,6 +140,11 @@ class PolicyHolder:
             to_close = self._retiring.pop(id(policy), None)
         if to_close is not None:
             _close_quietly(to_close)
+
+
+def _apply_threads(policy: Policy, threads: int | None) -> None:
+    if threads is not None and hasattr(policy, "threads"):
+        policy.threads = threads
 
 
 def _close_quietly(policy: Policy) -> None:

@@ -83,7 +83,9 @@ def policy_loader(settings: Settings, task: TaskSpec) -> PolicyLoader:
             temperature=settings.temperature,
             top_k=settings.top_k,
             beta=settings.beta,
-            threads=settings.resolved_torch_threads,  # the one place serving sets its thread count
+            # all the CPUs while nothing else of ours computes; the improvement loop lowers it to serving's share
+            # while its children run (PolicyHolder.set_threads)
+            threads=settings.resolved_idle_torch_threads,
         )
 
     return load
@@ -110,7 +112,7 @@ async def open_runtime(settings: Settings, *, improver_hook: ImproverHook | None
     task = load_task(settings.task)
     async with open_store(settings) as store, contextlib.AsyncExitStack() as stack:
         load = policy_loader(settings, task)
-        policies = PolicyHolder(await load_active_policy(store, load))
+        policies = PolicyHolder(await load_active_policy(store, load), threads=settings.resolved_idle_torch_threads)
         stack.callback(policies.close)
         service = DialogueService(store=store, policies=policies, task=task, settings=settings)
         runtime = Runtime(settings, store, task, policies, service, load)

@@ -46,13 +46,26 @@ _PR_SET_PDEATHSIG = 1
 
 
 def serving_threads(configured: int | None = None) -> int:
-    """Threads the serving process computes with: ``configured`` (the ``TORCH_THREADS`` setting; read from the
-    environment when not given), else half the CPUs this process may use, so a confined training child gets the
-    other half. The one rule behind :attr:`bot.settings.Settings.resolved_torch_threads`."""
+    """Threads the serving process computes with while an improvement run's child runs: ``configured`` (the
+    ``TORCH_THREADS`` setting; read from the environment when not given), else half the CPUs this process may
+    use, so a confined training child gets the other half. The one rule behind
+    :attr:`bot.settings.Settings.resolved_torch_threads`."""
+    return _configured_threads(configured) or max(1, len(_available_cpus()) // 2)
+
+
+def idle_serving_threads(configured: int | None = None) -> int:
+    """Threads serving computes with while no child runs: ``configured`` (as for :func:`serving_threads`), else
+    every CPU this process may use; serving drops to :func:`serving_threads` while a child runs, so the two never
+    oversubscribe the cores. The rule behind :attr:`bot.settings.Settings.resolved_idle_torch_threads`."""
+    return _configured_threads(configured) or len(_available_cpus())
+
+
+def _configured_threads(configured: int | None) -> int | None:
+    """``configured``, else ``TORCH_THREADS`` from the environment where it is a positive integer."""
     if configured is None:
         text = os.environ.get("TORCH_THREADS", "").strip()
         configured = int(text) if text.isdigit() and int(text) > 0 else None
-    return configured or max(1, len(_available_cpus()) // 2)
+    return configured
 
 
 def _available_cpus() -> list[int]:

@@ -135,6 +135,9 @@ async def test_killed_trainer_fails_the_run_and_the_active_policy_keeps_serving(
     run_task = asyncio.create_task(loop.run_once(trigger="test"))
     run_dir = tmp_path / "runs" / "run-1"
     trainer = await _wait_for_trainer(str(run_dir / "candidate"))
+    share, idle = settings.resolved_torch_threads, settings.resolved_idle_torch_threads
+    assert share < idle or (os.cpu_count() or 1) < 2  # on 2 CPUs: 1 while training, 2 between runs
+    assert holder.threads == base.threads == share  # serving keeps its share while the child trains
     # Kill it once it has written something: its periodic resume state (LoRA weights trained on the dialogues) —
     # critic-awr from the base model is in its imitation phase, which trains into `.candidate.fbc` beside it
     # (`.candidate.bc` where no dialogue succeeded).
@@ -153,6 +156,7 @@ async def test_killed_trainer_fails_the_run_and_the_active_policy_keeps_serving(
     assert sorted(p.name for p in run_dir.iterdir()) == ["train.log"]
     assert list(tmp_path.rglob("*.safetensors")) == []
     assert holder.active is base and await improve_store.active_policy_version() is None
+    assert holder.threads == base.threads == idle  # and all the CPUs again once it is over
     assert await improve_store.list_policy_versions() == []
     holder.close()
 

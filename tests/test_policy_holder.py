@@ -56,6 +56,25 @@ def test_a_lease_keeps_the_swapped_out_policy_open_until_released() -> None:
     assert holder.leases(old) == 0
 
 
+class ThreadedPolicy(CountingPolicy):
+    """A CountingPolicy whose decoding thread count can be set, as LearnedPolicy's can."""
+
+    threads: int | None = None
+
+
+def test_the_serving_thread_count_follows_the_active_policy_through_swaps() -> None:
+    first, second, plain = ThreadedPolicy("a"), ThreadedPolicy("b"), CountingPolicy("c")
+    holder = PolicyHolder(first, threads=2)
+    assert first.threads == 2
+    holder.set_threads(1)  # an improvement run's child starts
+    assert (holder.threads, first.threads) == (1, 1)
+    holder.swap(second)
+    assert second.threads == 1  # a policy swapped in mid-run decodes with serving's share too
+    holder.swap(plain)  # a policy without thread control is left as it is
+    holder.set_threads(2)
+    assert not hasattr(plain, "threads") and second.threads == 1 and holder.threads == 2
+
+
 def test_swap_without_leases_closes_at_once_unless_asked_not_to() -> None:
     a, b, c = CountingPolicy("a"), CountingPolicy("b"), CountingPolicy("c")
     holder = PolicyHolder(a)
