@@ -71,6 +71,8 @@ class LoadResult:
     p99_s: float
     wall_s: float
     during_training: bool = False
+    #: threads the policy decoded with (None: a policy without the engine's thread control)
+    threads: int | None = None
 
     @property
     def throughput(self) -> float:
@@ -183,6 +185,7 @@ async def run_load(
         p99_s=percentile(latencies, 0.99),
         wall_s=wall,
         during_training=during_training,
+        threads=getattr(policy, "threads", None),
     )
 
 
@@ -231,7 +234,9 @@ def markdown(results: list[LoadResult], command: str, args: argparse.Namespace) 
     lines = [
         run_heading(command),
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {args.threads}, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, decoding threads "
+        f"{args.threads if args.threads is not None else 'as the bot (every CPU idle, half during training)'}: "
+        f"{', '.join(sorted({str(r.threads) for r in results}))}, "
         f"max {args.max_new_tokens} new tokens, load average {args.load_start:.1f} at the start and "
         f"{os.getloadavg()[0]:.1f} at the end, {quiet}. "
         "Latency: user message injected into the fake Bot API → reply received by it (PTB polling, AIORateLimiter, "
@@ -276,6 +281,7 @@ def summary(results: list[LoadResult], args: argparse.Namespace) -> dict[str, ob
                 "policy": r.policy,
                 "chats": r.chats,
                 "during_training": r.during_training,
+                "threads": r.threads,
                 "p50_s": round(r.p50_s, 4),
                 "p99_s": round(r.p99_s, 4),
                 "lost": r.lost,
@@ -356,6 +362,8 @@ async def training_in_background(base_model: str, workdir: Path) -> AsyncIterato
 
 async def main_async(args: argparse.Namespace) -> list[LoadResult]:
     """Every (policy, N) in turn; with ``--during-training`` each N again while a trainer runs."""
+    from bot.subprocesses import idle_serving_threads, serving_threads
+
     console = Console(width=max(Console().width, 110))
     results: list[LoadResult] = []
     columns = (
@@ -369,7 +377,11 @@ async def main_async(args: argparse.Namespace) -> list[LoadResult]:
     with Progress(*columns, console=console) as progress:
         for policy_name in args.policies:
             policy = load_policy_for(
-                policy_name, args.model_cache_dir, args.max_new_tokens, args.checkpoint_base_model, threads=args.threads
+                policy_name,
+                args.model_cache_dir,
+                args.max_new_tokens,
+                args.checkpoint_base_model,
+                threads=idle_serving_threads(),
             )
             label = policy_label(policy_name, policy)
             try:
@@ -377,7 +389,11 @@ async def main_async(args: argparse.Namespace) -> list[LoadResult]:
                 if args.during_training:
                     with tempfile.TemporaryDirectory() as workdir:
                         async with training_in_background(args.train_base_model, Path(workdir)):
-                            results += await load_series(label, policy, args, progress, during_training=True)
+                            policy.threads = serving_threads()  # as the improvement loop does (bot.improve)
+                            try:
+                                results += await load_series(label, policy, args, progress, during_training=True)
+                            finally:
+                                policy.threads = idle_serving_threads()
             finally:
                 policy.close()
     console.print(rich_table(results))
@@ -403,7 +419,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON summary goes")
     parser.add_argument("--model-cache-dir", type=Path, default=Path.home() / ".cache" / "reverie" / "models")
     parser.add_argument(
-        "--threads", type=int, default=1, help="the policy's decoding threads (serving's share, kept from training)"
+        "--threads",
+        type=int,
+        default=None,
+        help="fixed decoding threads (TORCH_THREADS); default as the bot: every CPU idle, half during training",
     )
     parser.add_argument(
         "--during-training", action="store_true", help="repeat each load while a `reverie train` child runs"
@@ -425,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # this thread only loads; the policy's worker decodes with --threads
-    os.environ.setdefault("TORCH_THREADS", str(args.threads))  # what run_step keeps free for serving
+    if args.threads is not None:  # fixed, as TORCH_THREADS fixes the bot's (and what run_step keeps for serving)
+        os.environ["TORCH_THREADS"] = str(args.threads)
     args.load_start = os.getloadavg()[0]
     logging.basicConfig(level=logging.WARNING)
     # Policy timeouts are counted as apologies; their tracebacks would bury the table.
