@@ -3,7 +3,8 @@
 Every reply is exactly ``--tokens`` tokens (end-of-turn disabled), top-k 20, temperature 0.7, so rows differ
 only by the decoding method. The reference is HF ``generate`` on the same model, one stream: the faster of
 fp32 and bf16 weights (both without autocast, which re-casts every weight on every step and is slower still;
-that variant is printed for comparison). Concurrent chats go through the policy's real ``respond`` (the
+that variant is printed for comparison), each the mean of a run at the start and one at the end, since this
+machine's speed drifts by about ±10 % over minutes. Concurrent chats go through the policy's real ``respond`` (the
 continuous batcher) with a distinct history each, and are compared with HF ``generate`` batched over the same
 histories (left-padded); one chat is the single stream (the same ``respond`` call), so it has no row of its own.
 ILQL heads are freshly initialised: speed does not depend on what they learned.
@@ -194,6 +195,23 @@ class Bench:
         policy.engine.prefix.max_bytes = max_bytes
         return cached, uncached
 
+    def closing_reference_rows(self) -> list[dict[str, Any]]:
+        """HF ``generate``, one stream, fp32 and bf16 weights again: the run's end (see :func:`run_all`)."""
+        self.add(
+            "hf_fp32_1_end",
+            "HF generate, fp32 weights, 1 stream (at the end)",
+            1,
+            self.timed(self.hf_generate(self.model, 1)),
+        )
+        bf16_model = load_base_model(self.args.base_model).model.to(torch.bfloat16)
+        self.add(
+            "hf_bf16_1_end",
+            "HF generate, bf16 weights, 1 stream (at the end)",
+            1,
+            self.timed(self.hf_generate(bf16_model, 1)),
+        )
+        return self.rows
+
     def reference_rows(self) -> list[dict[str, Any]]:
         """HF ``generate``: fp32 and bf16 weights, bf16 autocast, and batched over 4/8/16 histories (the faster
         weights of the single stream)."""
@@ -300,10 +318,12 @@ def measure(args: argparse.Namespace, group: str) -> tuple[list[dict[str, Any]],
     HF ``generate`` computes on this main thread with ``--threads``; a policy decodes on its worker thread with
     ``--threads`` while this thread, which only loads, keeps one — as the bot's loader does (see
     ``LearnedPolicy.threads``)."""
-    torch.set_num_threads(args.threads if group == "reference" else 1)
+    torch.set_num_threads(args.threads if group.startswith("reference") else 1)
     bench = Bench(args)
     if group == "reference":
         return bench.reference_rows(), {}
+    if group == "reference_end":
+        return bench.closing_reference_rows(), {}
     return bench.kind_rows(group)
 
 
@@ -312,14 +332,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     turn: dict[str, float] = {}
-    groups = ["reference", *(kind for kind in KIND_ORDER if kind in args.kinds)]
+    # the reference once more at the end: this machine's speed drifts by ±10 % over minutes, so every ratio is
+    # taken against the mean of the HF runs that bracket it
+    groups = ["reference", *(kind for kind in KIND_ORDER if kind in args.kinds), "reference_end"]
     for group in groups:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             group_rows, group_turn = pool.submit(measure, args, group).result()
         rows += group_rows
         turn = turn or group_turn
     by_key = {row["key"]: row for row in rows}
-    fp32, bf16 = by_key["hf_fp32_1"]["tokens_per_s"], by_key["hf_bf16_1"]["tokens_per_s"]
+    fp32, bf16 = (
+        (by_key[f"hf_{weights}_1"]["tokens_per_s"] + by_key[f"hf_{weights}_1_end"]["tokens_per_s"]) / 2
+        for weights in ("fp32", "bf16")
+    )
     reference = max(fp32, bf16)
     for row in rows:
         row["x_hf_generate_1_stream"] = row["tokens_per_s"] / reference
@@ -334,7 +359,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_reply": args.tokens,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0],
-        "reference": {"tokens_per_s": reference, "variant": "fp32 weights" if fp32 >= bf16 else "bf16 weights"},
+        "reference": {
+            "tokens_per_s": reference,
+            "variant": "fp32 weights" if fp32 >= bf16 else "bf16 weights",
+            "measured": "mean of the first and the last group's runs",
+        },
         "ratios": {
             row["key"]: round(row["x_hf_generate_1_stream"], 3) for row in rows if not row["key"].startswith("hf_")
         },
@@ -352,7 +381,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         f"{summary['machine']}, torch {summary['torch']}, {summary['threads']} threads, {quiet}, load average "
         f"{summary['load_average_start']:.1f} at the start and {summary['load_average_end']:.1f} at the end; "
         f"{summary['tokens_per_reply']} tokens per reply, top-k 20, temperature 0.7. Reference: HF generate, one "
-        f"stream, {summary['reference']['variant']} ({summary['reference']['tokens_per_s']:.1f} tok/s).",
+        f"stream, {summary['reference']['variant']} ({summary['reference']['tokens_per_s']:.1f} tok/s, the mean of its "
+        "runs at the start and at the end).",
         "",
         "| method | streams | reply tokens/s | × HF generate (1 stream) | × HF generate batched (same streams) |",
         "|---|---:|---:|---:|---:|",
