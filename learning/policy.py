@@ -345,7 +345,7 @@ class LearnedPolicy:
                 max_batch_tokens=max_batch * max_prompt_tokens,
                 prefix_cache_bytes=prefix_cache_mb << 20,
             )
-            self.engine.pin(self.prompt_ids([Message("agent", task.opening_line)]))
+            self.engine.pin(self.conversation_start())
         self.batcher: MicroBatcher | ContinuousBatcher
         if self.engine is not None:
             self.batcher = ContinuousBatcher(
@@ -391,6 +391,14 @@ class LearnedPolicy:
             if len(ids) <= budget or len(turns) <= 1:
                 return ids[-budget:] if len(ids) > budget else ids
             turns = turns[1:]
+
+    def conversation_start(self) -> list[int]:
+        """The tokens every conversation's first prompt starts with — the system prompt, the opening line and
+        the user turn's header — which the engine encodes once and keeps (:meth:`DecodeEngine.pin`)."""
+        opening = Message("agent", self.task.opening_line)
+        first, second = (self.prompt_ids([opening, Message("user", text)]) for text in ("a", "b"))
+        shared = next((i for i, (x, y) in enumerate(zip(first, second, strict=False)) if x != y), len(first))
+        return first[:shared]
 
     # --- the Policy protocol ------------------------------------------------------------------------------
 

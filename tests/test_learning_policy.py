@@ -237,9 +237,9 @@ async def test_the_worker_decodes_with_the_policys_threads_and_follows_a_change(
         before = policy.engine.prefix.hit_tokens
         await policy.respond(HISTORY)
         assert policy.batcher.worker_threads == 1
-        pinned, prompt = policy.prompt_ids(HISTORY[:1]), policy.prompt_ids(HISTORY)
-        shared = next(i for i, (a, b) in enumerate(zip(pinned, prompt, strict=False)) if a != b)
-        assert policy.engine.prefix.hit_tokens - before == shared > 10  # only the user's message was encoded
+        start, prompt = policy.conversation_start(), policy.prompt_ids(HISTORY)
+        assert prompt[: len(start)] == start and len(prompt) > len(start) > 10
+        assert policy.engine.prefix.hit_tokens - before == len(start)  # only the user's words were encoded
         policy.threads = 2
         await policy.respond([*HISTORY, Message("user", "and one more thing")])
         assert policy.batcher.worker_threads == 2 and policy.threads == 2
