@@ -180,7 +180,7 @@ def test_every_fp32_layout_of_a_projection_gives_the_same_product() -> None:
     torch.manual_seed(0)
     wide, narrow = torch.randn(256, 64) * 0.05, torch.randn(64, 256) * 0.05
     bias = torch.randn(256)
-    for rows in (1, 3, 40, 600):  # torch.mm, oneDNN's packed fp32 (wide, 2-512 rows), torch.mm again
+    for rows in (1, 3, 16, 40, 600):  # torch.mm, oneDNN's packed fp32 (wide, 2-512 rows), torch.mm again
         x = torch.randn(rows, 64)
         residual = torch.randn(rows, 256)
         projection = Projection(wide, bias, bf16_rows=0)
