@@ -195,33 +195,32 @@ class Bench:
         policy.engine.prefix.max_bytes = max_bytes
         return cached, uncached
 
-    def closing_reference_rows(self) -> list[dict[str, Any]]:
-        """HF ``generate``, one stream, fp32 and bf16 weights again: the run's end (see :func:`run_all`)."""
-        self.add(
-            "hf_fp32_1_end",
-            "HF generate, fp32 weights, 1 stream (at the end)",
+    def single_stream_rows(self, key_suffix: str = "", label_suffix: str = "") -> tuple[float, float, Any]:
+        """HF ``generate``, one stream, fp32 then bf16 weights: both rates and the bf16 model."""
+        fp32 = self.add(
+            f"hf_fp32_1{key_suffix}",
+            f"HF generate, fp32 weights, 1 stream{label_suffix}",
             1,
             self.timed(self.hf_generate(self.model, 1)),
         )
         bf16_model = load_base_model(self.args.base_model).model.to(torch.bfloat16)
-        self.add(
-            "hf_bf16_1_end",
-            "HF generate, bf16 weights, 1 stream (at the end)",
+        bf16 = self.add(
+            f"hf_bf16_1{key_suffix}",
+            f"HF generate, bf16 weights, 1 stream{label_suffix}",
             1,
             self.timed(self.hf_generate(bf16_model, 1)),
         )
+        return fp32, bf16, bf16_model
+
+    def closing_reference_rows(self) -> list[dict[str, Any]]:
+        """The single-stream references again: the run's end (see :func:`run_all`)."""
+        self.single_stream_rows("_end", " (at the end)")
         return self.rows
 
     def reference_rows(self) -> list[dict[str, Any]]:
         """HF ``generate``: fp32 and bf16 weights, bf16 autocast, and batched over 4/8/16 histories (the faster
         weights of the single stream)."""
-        fp32 = self.add(
-            "hf_fp32_1", "HF generate, fp32 weights, 1 stream", 1, self.timed(self.hf_generate(self.model, 1))
-        )
-        bf16_model = load_base_model(self.args.base_model).model.to(torch.bfloat16)
-        bf16 = self.add(
-            "hf_bf16_1", "HF generate, bf16 weights, 1 stream", 1, self.timed(self.hf_generate(bf16_model, 1))
-        )
+        fp32, bf16, bf16_model = self.single_stream_rows()
         reference_model = self.model if fp32 >= bf16 else bf16_model
         self.add(
             "hf_autocast_1",

@@ -112,19 +112,10 @@ class Projection:
                 self.weight_bf16 = weight.to(torch.bfloat16).contiguous()
 
     def __call__(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``x·Wᵀ + b``, plus ``residual`` where given (added inside the product in fp32: one op fewer)."""
+        """``x·Wᵀ + b``, plus ``residual`` where given (inside the product on the ``torch.mm`` path: one op fewer)."""
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
         shape = (*x.shape[:-1], self.out_features)
-        if rows > self.bf16_rows and self.packed_fp32 is not None and rows in PACKED_FP32_ROWS:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_fp32, self.bias, "none", [], "").reshape(shape)
-            return out if residual is None else residual + out
-        if rows > self.bf16_rows and residual is not None:
-            assert self.weight_t is not None
-            base = residual.reshape(rows, self.out_features)
-            if self.bias is not None:
-                base = base + self.bias
-            return torch.addmm(base, flat, self.weight_t).reshape(shape)
         if rows <= self.bf16_rows:
             flat = flat.to(torch.bfloat16)
             if self.packed is not None:
@@ -134,9 +125,15 @@ class Projection:
                 bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
                 out = F.linear(flat, self.weight_bf16, bias)
             out = out.float()
+        elif self.packed_fp32 is not None and rows in PACKED_FP32_ROWS:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_fp32, self.bias, "none", [], "")
         else:
             assert self.weight_t is not None
-            out = torch.mm(flat, self.weight_t) if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+            base = self.bias if residual is None else residual.reshape(rows, self.out_features)
+            if residual is not None and self.bias is not None:
+                base = base + self.bias
+            out = torch.mm(flat, self.weight_t) if base is None else torch.addmm(base, flat, self.weight_t)
+            return out.reshape(shape)
         out = out.reshape(shape)
         return out if residual is None else residual + out
 
