@@ -24,6 +24,7 @@ from bot.events import Improver
 from bot.policy_holder import PolicyHolder
 from bot.service import DialogueService
 from bot.settings import Settings
+from bot.web.metrics import BotMetrics, ErrorLogCounter, MeteredDialogueService
 from imagine.task import TaskSpec, load_task
 from learning.devices import resolve_device
 from learning.interface import Policy
@@ -54,6 +55,8 @@ class Runtime:
     policies: PolicyHolder
     service: DialogueService
     load_policy: PolicyLoader
+    #: What ``/metrics`` exports; the service counts into it.
+    metrics: BotMetrics | None = None
 
 
 #: Starts the improvement loop (scheduler included) for a runtime and stops it on exit; yields the
@@ -114,8 +117,9 @@ async def open_runtime(settings: Settings, *, improver_hook: ImproverHook | None
         load = policy_loader(settings, task)
         policies = PolicyHolder(await load_active_policy(store, load), threads=settings.resolved_idle_torch_threads)
         stack.callback(policies.close)
-        service = DialogueService(store=store, policies=policies, task=task, settings=settings)
-        runtime = Runtime(settings, store, task, policies, service, load)
+        metrics = BotMetrics()
+        service = MeteredDialogueService(metrics=metrics, store=store, policies=policies, task=task, settings=settings)
+        runtime = Runtime(settings, store, task, policies, service, load, metrics)
         if improver_hook is not None:
             service.improver = await stack.enter_async_context(improver_hook(runtime))
         # Registered last, so it runs first: turns finish before the improver and the policy go away.
@@ -232,13 +236,16 @@ async def serve(
 
     stop = stop or asyncio.Event()
     with stop_on_signals(stop):
-        async with open_runtime(settings, improver_hook=improver_hook) as runtime:
+        async with open_runtime(settings, improver_hook=improver_hook) as runtime, http_server(runtime, stop):
             sweeper = asyncio.create_task(expire_periodically(runtime.service, stop, EXPIRY_INTERVAL_S))
             try:
                 runners = configured_adapters(settings)
                 if not runners and (token_set(settings.telegram_token) or token_set(settings.discord_token)):
                     raise ServeError("a platform token is set but no adapter could start (see the log above)")
                 if runners:
+                    from bot.web.health import ADAPTERS
+
+                    ADAPTERS.expect(*runners)
                     logger.info("starting adapters: %s", ", ".join(runners))
                     await run_adapters(runtime.service, settings, runners, stop)
                 else:
@@ -247,6 +254,41 @@ async def serve(
             finally:
                 stop.set()
                 await sweeper
+
+
+@contextlib.asynccontextmanager
+async def http_server(runtime: Runtime, stop: asyncio.Event) -> AsyncIterator[None]:
+    """Run the process's HTTP server (probes, metrics, webhooks, page) on ``HTTP_PORT`` for the block; with no
+    port, nothing. It starts listening before the block runs, so webhooks can be registered in it."""
+    settings = runtime.settings
+    if settings.http_port is None:
+        yield
+        return
+    from bot.web.app import build_app
+    from bot.web.serving import run_http
+
+    assert runtime.metrics is not None
+    counter = ErrorLogCounter(runtime.metrics)
+    logging.getLogger().addHandler(counter)
+    started = asyncio.Event()
+    http_stop = asyncio.Event()
+    app = build_app(runtime, runtime.metrics)
+    task = asyncio.create_task(
+        run_http(app, settings.http_host, settings.http_port, http_stop, started=started), name="http"
+    )
+    try:
+        waiting = asyncio.ensure_future(started.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done():
+            task.result()  # it could not listen: raise why
+        yield
+    finally:
+        # Last to stop: probes and metrics answer while the adapters finish their replies.
+        http_stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        logging.getLogger().removeHandler(counter)
 
 
 def default_improver_hook() -> ImproverHook | None:

@@ -7,11 +7,12 @@ and never appear in ``repr``, logs or ``/status``.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from learning.algorithms import DEFAULT_ALGORITHM, Algorithm
@@ -66,6 +67,23 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Admins as 'platform:user_id' (e.g. telegram:123, discord:456, console:local).",
     )
+    telegram_webhook_url: str | None = Field(
+        default=None,
+        description="Public HTTPS URL Telegram posts updates to (behind a load balancer); set: webhooks on the "
+        "HTTP server (HTTP_PORT) instead of long polling; its path is the route served.",
+    )
+    telegram_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret token Telegram sends with every webhook request (1-256 of A-Z a-z 0-9 _ -); "
+        "required with TELEGRAM_WEBHOOK_URL, the same on every replica.",
+    )
+    discord_shard_count: int | None = Field(
+        default=None, ge=1, description="Total Discord shards across all replicas (unset: one process, auto)."
+    )
+    discord_shard_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="Shards this replica runs, e.g. '0,1' (needs DISCORD_SHARD_COUNT; empty: all of them).",
+    )
     session_idle_minutes: float = Field(default=30.0, gt=0)
     max_message_chars: int = Field(default=4000, ge=1)
 
@@ -98,6 +116,19 @@ class Settings(BaseSettings):
     )
     keep_versions: int = Field(default=5, ge=1, description="Policy versions kept for rollback.")
 
+    # --- operations ----------------------------------------------------------------------------------
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP server (/healthz, /readyz, /metrics, webhooks, operator page); unset: off.",
+    )
+    http_host: str = Field(default="0.0.0.0", description="Address the HTTP server listens on.")
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token for the operator page's actions (rollback/activate); unset: the page is read-only.",
+    )
+
     log_level: str = "INFO"
 
     @field_validator(
@@ -113,6 +144,11 @@ class Settings(BaseSettings):
         "improve_value_steps",
         "improve_imagined",
         "improve_lend_cpus_after_s",
+        "telegram_webhook_url",
+        "telegram_webhook_secret",
+        "discord_shard_count",
+        "http_port",
+        "admin_token",
         mode="before",
     )
     @classmethod
@@ -127,6 +163,30 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip().startswith("["):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _split_shards(cls, value: object) -> object:
+        # DISCORD_SHARD_IDS=0,1 as well as a JSON list.
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [int(item) for item in value.split(",") if item.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_deployment(self) -> Settings:
+        if self.telegram_webhook_url is not None:
+            if self.telegram_webhook_secret is None:
+                raise ValueError("TELEGRAM_WEBHOOK_URL needs TELEGRAM_WEBHOOK_SECRET (checked on every request)")
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", self.telegram_webhook_secret.get_secret_value()):
+                raise ValueError("TELEGRAM_WEBHOOK_SECRET: 1-256 characters of A-Z, a-z, 0-9, _ and -")
+            if self.http_port is None:
+                raise ValueError("TELEGRAM_WEBHOOK_URL needs HTTP_PORT: webhooks arrive on the HTTP server")
+        if self.discord_shard_ids:
+            if self.discord_shard_count is None:
+                raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
+            if any(not 0 <= shard < self.discord_shard_count for shard in self.discord_shard_ids):
+                raise ValueError("DISCORD_SHARD_IDS must lie in 0 .. DISCORD_SHARD_COUNT-1")
+        return self
 
     @cached_property
     def resolved_database_url(self) -> str:
@@ -172,7 +232,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, list):
-                value = ",".join(value)
+                value = ",".join(str(item) for item in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             env[name.upper()] = str(value)
