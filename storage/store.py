@@ -6,8 +6,10 @@ plain :class:`DialogueRecord` values, never ORM objects, so it does not depend o
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +52,45 @@ class PolicyChangedError(StoreError):
 def new_idempotency_key() -> str:
     """A fresh key for one logical write (it stays the same across that write's retries)."""
     return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class UpdateScope:
+    """A platform update being handled (:func:`handling_update`): its turns get keys derived from the update."""
+
+    #: ``platform:bot:update_id``, the same every time the platform delivers this update.
+    key: str
+    user_stored: bool = False
+    reply_stored: bool = False
+
+
+_UPDATE: ContextVar[UpdateScope | None] = ContextVar("reverie_update", default=None)
+
+
+@contextlib.contextmanager
+def handling_update(key: str) -> Iterator[UpdateScope]:
+    """Within the block, :meth:`Store.append_turn` keys the first user turn ``<key>:user`` and the agent turn
+    after it ``<key>:reply``: a redelivered update (handled before a crash but never confirmed to the platform)
+    stores neither twice, and :meth:`Store.update_replied` tells whether its reply was stored already."""
+    scope = UpdateScope(key)
+    token = _UPDATE.set(scope)
+    try:
+        yield scope
+    finally:
+        _UPDATE.reset(token)
+
+
+def _update_turn_key(role: str) -> str | None:
+    scope = _UPDATE.get()
+    if scope is None:
+        return None
+    if role == Role.USER and not scope.user_stored:
+        scope.user_stored = True
+        return f"{scope.key}:user"
+    if role == Role.AGENT and scope.user_stored and not scope.reply_stored:
+        scope.reply_stored = True
+        return f"{scope.key}:reply"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +238,8 @@ class Store:
 
         Safe to retry: every attempt of one call carries the same idempotency key, so an attempt that follows a
         commit whose acknowledgement was lost returns the turn already stored instead of storing it twice.
-        Pass your own ``idempotency_key`` to make repeated *calls* for the same utterance safe as well.
+        Pass your own ``idempotency_key`` to make repeated *calls* for the same utterance safe as well; inside
+        :func:`handling_update` the update's user turn and reply get keys derived from the update id.
         """
         _validate_role(role)
         return await self._append_turn(
@@ -206,8 +248,14 @@ class Store:
             text,
             policy_version_id=policy_version_id,
             latency_ms=latency_ms,
-            key=idempotency_key or new_idempotency_key(),
+            key=idempotency_key or _update_turn_key(role) or new_idempotency_key(),
         )
+
+    async def update_replied(self, update_key: str) -> bool:
+        """Whether the reply to a platform update (:func:`handling_update`) is stored: it was handled before."""
+        async with self.database.session() as session:
+            found = (await session.exec(select(Turn.id).where(Turn.idempotency_key == f"{update_key}:reply"))).first()
+        return found is not None
 
     @retry_transient()
     async def _append_turn(

@@ -16,15 +16,25 @@ Platform rules handled here:
 
 Entry point: :func:`run_telegram`, which shares the event loop with other platforms
 (``async with app`` + ``updater.start_polling()``, not ``run_polling``).
+
+Webhooks (``TELEGRAM_WEBHOOK_URL``, for several replicas behind a load balancer — Telegram lets only one process
+poll): the adapter registers the webhook with its secret token at start and serves ``POST <path of the URL>`` on
+the process's HTTP server (:mod:`bot.web`). Each request's ``X-Telegram-Bot-Api-Secret-Token`` is checked; the
+update (``Update.de_json``) goes through the same per-chat processor and handlers as a polled one, and the request
+is answered only once it was handled, so an update whose replica died mid-way is redelivered to another one.
+A redelivered update stores nothing twice: its user turn and reply carry keys derived from the update id
+(:func:`storage.store.handling_update`), and one whose reply is stored already is acknowledged and skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from telegram import (
@@ -59,8 +69,13 @@ from bot.events import ChatRef, CommandInfo, FeedbackDataError, Reply, decode_fe
 from bot.events import encode_feedback as _encode_feedback
 from bot.settings import Settings
 from bot.text import split_text
+from bot.web.health import ADAPTERS
+from storage.store import handling_update
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
     from bot.service import DialogueService
 
 logger = logging.getLogger(__name__)
@@ -234,6 +249,11 @@ def _redacting_logs(token: str) -> Iterator[TokenRedactor]:
             each.removeFilter(redactor)
 
 
+def update_key(bot_id: int, update_id: int) -> str:
+    """The key a Telegram update's turns are stored under: the same for each delivery of the update."""
+    return f"{PLATFORM}:{bot_id}:{update_id}"
+
+
 # --- update ordering ------------------------------------------------------------------------------------
 
 
@@ -284,6 +304,11 @@ class TelegramAdapter:
         self._settings = settings
         token = settings.telegram_token.get_secret_value() if settings.telegram_token else ""
         self._redactor = redactor or TokenRedactor(token)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings the adapter runs with."""
+        return self._settings
 
     def build_application(self) -> Application[Any, Any, Any, Any, Any, Any]:
         """A PTB application with the adapter's handlers, rate limiter and per-chat ordering."""
@@ -340,9 +365,14 @@ class TelegramAdapter:
             if text is None:
                 return  # group chatter not meant for the bot
         chat = chat_ref(message.chat, user)
+        key = update_key(context.bot.id, update.update_id)
+        if await self._service.store.update_replied(key):
+            logger.info("Telegram update %s was answered before (a redelivery): skipped", update.update_id)
+            return
         async with self._apologising(message, "message"):
-            async with self._typing(message):
-                replies = await self._service.handle_message(chat, text)
+            with handling_update(key):
+                async with self._typing(message):
+                    replies = await self._service.handle_message(chat, text)
             await self._send(message, replies)
 
     async def _on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -543,6 +573,14 @@ async def _serve(
 ) -> None:
     await adapter.register_commands(app)
     await app.start()
+    if adapter.settings.telegram_webhook_url:
+        try:
+            await _serve_webhook(app, adapter, stop)
+        finally:
+            if app.running:
+                await app.stop()
+            logger.info("Telegram adapter stopped")
+        return
     try:
         assert app.updater is not None  # ApplicationBuilder always makes one unless told not to
         await app.updater.start_polling(
@@ -551,12 +589,94 @@ async def _serve(
             error_callback=lambda error: adapter.log_error("polling", error),
         )
         logger.info("Telegram adapter polling as @%s", app.bot.username)
+        ADAPTERS.connected(PLATFORM)
         try:
             await stop.wait()
         finally:
+            ADAPTERS.disconnected(PLATFORM)
             if app.updater.running:
                 await app.updater.stop()
     finally:
         if app.running:
             await app.stop()  # waits for handlers in flight
         logger.info("Telegram adapter stopped")
+
+
+# --- webhooks -------------------------------------------------------------------------------------------
+
+#: The header Telegram sends the webhook's secret token in.
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+def webhook_path(url: str) -> str:
+    """The route a webhook URL's requests arrive on (behind the load balancer): its path, ``/telegram`` if none."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path.rstrip("/") or "/telegram"
+
+
+def webhook_handler(
+    app: Application[Any, Any, Any, Any, Any, Any], secret: str, stop: asyncio.Event
+) -> Callable[[Request], Awaitable[Response]]:
+    """The ``POST`` handler of the webhook route: secret checked, update handled, then answered.
+
+    403 without the right secret token (compared in constant time); 400 for a body that is no update; 503 while
+    the process stops (Telegram delivers it again, to a replica that is up); 200 once the update was handled —
+    its replies sent — so a replica that dies mid-way leaves the update unconfirmed, and it is redelivered.
+    """
+    from starlette.responses import PlainTextResponse
+
+    expected = secret.encode()
+
+    async def handle(request: Request) -> Response:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, expected):
+            logger.warning("Telegram webhook request without the right secret token refused")
+            return PlainTextResponse("forbidden\n", status_code=403)
+        if stop.is_set():
+            return PlainTextResponse("stopping\n", status_code=503)
+        try:
+            data = json.loads(await request.body())
+            update = Update.de_json(data, app.bot)
+        except Exception as error:  # not JSON, or not an update
+            logger.warning("Telegram webhook: not an update (%s)", type(error).__name__)
+            return PlainTextResponse("bad request\n", status_code=400)
+        if update is None:
+            return PlainTextResponse("bad request\n", status_code=400)
+        # The same ordering and concurrency as polled updates; handler errors go to the error handler.
+        await app.update_processor.process_update(update, app.process_update(update))
+        return PlainTextResponse("ok\n")
+
+    return handle
+
+
+async def _serve_webhook(
+    app: Application[Any, Any, Any, Any, Any, Any], adapter: TelegramAdapter, stop: asyncio.Event
+) -> None:
+    """Register the webhook with Telegram and serve its route on the HTTP server until ``stop``."""
+    from bot.web.app import WEBHOOKS
+
+    settings = adapter.settings
+    assert settings.telegram_webhook_url is not None and settings.telegram_webhook_secret is not None
+    secret = settings.telegram_webhook_secret.get_secret_value()
+    redaction.REDACTOR.add(secret)
+    path = webhook_path(settings.telegram_webhook_url)
+    WEBHOOKS.register(path, webhook_handler(app, secret, stop))
+    try:
+        # Every replica registers the same URL: idempotent. Pending updates are kept (delivered by webhook).
+        await app.bot.set_webhook(
+            settings.telegram_webhook_url,
+            secret_token=secret,
+            allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
+            drop_pending_updates=False,
+        )
+        logger.info("Telegram adapter on webhooks as @%s (route %s)", app.bot.username, path)
+        ADAPTERS.connected(PLATFORM)
+        try:
+            await stop.wait()
+        finally:
+            ADAPTERS.disconnected(PLATFORM)
+    finally:
+        # The webhook stays registered with Telegram: the other replicas serve it. Requests arriving now get 404
+        # (or 503 while stopping) and are delivered again.
+        WEBHOOKS.unregister(path)

@@ -6,6 +6,13 @@ It implements the methods Reverie's adapter uses (``getMe``, ``getUpdates`` with
 inject a text message, a command or a button press, and await what the bot sent.
 
 Point an application at it with ``ApplicationBuilder().token(server.token).base_url(server.base_url)``.
+
+Webhooks: ``setWebhook`` / ``getWebhookInfo`` / ``deleteWebhook`` as Telegram has them (``getUpdates`` answers 409
+Conflict while a webhook is set). Telegram posts to the one public URL; here the server also plays the load
+balancer in front of the replicas: :attr:`FakeTelegramServer.webhook_targets` lists their base URLs, and each update
+is POSTed (with the secret token header) to the next one, round robin. An update is confirmed only by a 200; on an
+error or a dropped connection it is delivered again, to the next replica — as Telegram redelivers unconfirmed
+updates. Every attempt is kept in :attr:`FakeTelegramServer.deliveries`.
 PTB sends form-encoded bodies whose non-string values are JSON strings (``reply_markup``, ``commands``); JSON bodies
 are accepted too. Answers have the Bot API shape ``{"ok": true, "result": ...}``.
 """
@@ -21,7 +28,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 #: Parameters that PTB encodes as JSON strings inside a form body.
@@ -55,6 +64,15 @@ class ApiCall:
     method: str
     params: JSONDict
     at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One attempt to deliver an update by webhook: where it went and the HTTP status (None: no answer)."""
+
+    update_id: int
+    target: str
+    status: int | None
 
 
 @dataclass(slots=True)
@@ -106,6 +124,18 @@ class FakeTelegramServer:
         self._runner: web.AppRunner | None = None
         self._closing = False
         self.port = 0
+        #: The webhook as set by ``setWebhook`` (``url``, ``secret_token``, ...), None while polling.
+        self.webhook: JSONDict | None = None
+        #: Base URLs of the replicas behind the load balancer that webhook deliveries go to, round robin.
+        self.webhook_targets: list[str] = []
+        #: Every webhook delivery attempt, in order.
+        self.deliveries: list[WebhookDelivery] = []
+        #: Longest a replica may take to answer one delivery (it answers once the update is handled).
+        self.webhook_timeout_s = 120.0
+        self._unconfirmed: dict[int, JSONDict] = {}
+        self._round_robin = itertools.count()
+        self._delivery_tasks: set[asyncio.Task[None]] = set()
+        self._client: aiohttp.ClientSession | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -120,10 +150,16 @@ class FakeTelegramServer:
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
-        """Wake long polls and stop listening."""
+        """Wake long polls, stop webhook deliveries and stop listening."""
         self._closing = True
         async with self._changed:
             self._changed.notify_all()
+        for task in list(self._delivery_tasks):
+            task.cancel()
+        await asyncio.gather(*self._delivery_tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -219,12 +255,50 @@ class FakeTelegramServer:
         return await self.send_text(chat_id, user_id, text, chat_type=chat_type)
 
     async def push_update(self, payload: JSONDict) -> int:
-        """Queue a raw update (``{"message": {...}}``, ...) for ``getUpdates``; returns its ``update_id``."""
+        """Queue a raw update (``{"message": {...}}``, ...) for ``getUpdates``, or deliver it by webhook while one
+        is set; returns its ``update_id``."""
         async with self._changed:
             update_id = next(self._update_ids)
-            self._updates.append({"update_id": update_id, **payload})
+            update = {"update_id": update_id, **payload}
+            if self.webhook is not None:
+                self._unconfirmed[update_id] = update
+                task = asyncio.create_task(self._deliver(update), name=f"webhook-{update_id}")
+                self._delivery_tasks.add(task)
+                task.add_done_callback(self._delivery_tasks.discard)
+            else:
+                self._updates.append(update)
             self._changed.notify_all()
         return update_id
+
+    async def _deliver(self, update: JSONDict) -> None:
+        """POST ``update`` to the replicas, round robin, until one answers 200."""
+        assert self.webhook is not None
+        headers = {}
+        if self.webhook.get("secret_token"):
+            headers["X-Telegram-Bot-Api-Secret-Token"] = str(self.webhook["secret_token"])
+        path = urlsplit(str(self.webhook["url"])).path or "/"
+        attempt = 0
+        while not self._closing:
+            if not self.webhook_targets:
+                raise RuntimeError("a webhook is set but no webhook_targets (replicas) are given")
+            target = self.webhook_targets[next(self._round_robin) % len(self.webhook_targets)]
+            status: int | None
+            try:
+                if self._client is None:
+                    self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.webhook_timeout_s))
+                async with self._client.post(target.rstrip("/") + path, json=update, headers=headers) as response:
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError):
+                status = None
+            async with self._changed:
+                self.deliveries.append(WebhookDelivery(update["update_id"], target, status))
+                if status == 200:
+                    self._unconfirmed.pop(update["update_id"], None)
+                self._changed.notify_all()
+            if status == 200:
+                return
+            attempt += 1
+            await asyncio.sleep(min(0.02 * 2**attempt, 1.0))  # Telegram backs off between redeliveries too
 
     async def press_button(self, chat_id: int, user_id: int, message: JSONDict, data: str) -> str:
         """A user presses an inline button with ``data`` under ``message``; returns the callback query id."""
@@ -286,9 +360,16 @@ class FakeTelegramServer:
             raise RuntimeError(f"server closed while waiting for {method}")
         return call
 
+    async def wait_confirmed(self, *, timeout: float = 60.0) -> None:
+        """Wait until every update injected so far is confirmed (``getUpdates`` offset or a webhook's 200)."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self.pending_updates() == 0 or self._closing), timeout
+            )
+
     def pending_updates(self) -> int:
-        """Updates injected but not yet confirmed by the bot (``getUpdates`` offset)."""
-        return len(self._updates)
+        """Updates injected but not yet confirmed by the bot (``getUpdates`` offset, or a webhook's 200)."""
+        return len(self._updates) + len(self._unconfirmed)
 
     # --- HTTP ------------------------------------------------------------------------------------------
 
@@ -362,6 +443,8 @@ class FakeTelegramServer:
         try:
             return self._ok(await handler(params))
         except _ApiError as error:
+            if error.code != 400:
+                return self._error(error.code, str(error))
             return self._error(400, f"Bad Request: {error}")
 
     # --- Bot API methods -------------------------------------------------------------------------------
@@ -370,9 +453,41 @@ class FakeTelegramServer:
         return self.bot_user
 
     async def _api_deleteWebhook(self, params: JSONDict) -> bool:
+        self.webhook = None
+        if str(params.get("drop_pending_updates", "")).lower() == "true":
+            self._updates.clear()
         return True
 
+    async def _api_setWebhook(self, params: JSONDict) -> bool:
+        url = str(params.get("url") or "")
+        if not url:
+            return await self._api_deleteWebhook(params)
+        secret = params.get("secret_token")
+        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", str(secret)):
+            raise _ApiError("secret token contains unallowed characters")
+        self.webhook = {"url": url, "secret_token": secret, "allowed_updates": params.get("allowed_updates")}
+        # Updates that waited for getUpdates are delivered by the webhook from now on.
+        waiting, self._updates = self._updates, []
+        for update in waiting:
+            self._unconfirmed[update["update_id"]] = update
+            task = asyncio.create_task(self._deliver(update), name=f"webhook-{update['update_id']}")
+            self._delivery_tasks.add(task)
+            task.add_done_callback(self._delivery_tasks.discard)
+        return True
+
+    async def _api_getWebhookInfo(self, params: JSONDict) -> JSONDict:
+        if self.webhook is None:
+            return {"url": "", "has_custom_certificate": False, "pending_update_count": len(self._updates)}
+        return {
+            "url": self.webhook["url"],
+            "has_custom_certificate": False,
+            "pending_update_count": len(self._unconfirmed),
+            "allowed_updates": self.webhook.get("allowed_updates") or [],
+        }
+
     async def _api_getUpdates(self, params: JSONDict) -> list[JSONDict]:
+        if self.webhook is not None:
+            raise _ApiError("Conflict: can't use getUpdates method while webhook is active", code=409)
         offset = int(params.get("offset") or 0)
         limit = max(1, min(100, int(params.get("limit") or 100)))
         timeout = max(0.0, float(params.get("timeout") or 0))
@@ -380,6 +495,7 @@ class FakeTelegramServer:
             if offset > 0:
                 # Telegram forgets every update below the offset: they are confirmed.
                 self._updates = [update for update in self._updates if update["update_id"] >= offset]
+                self._changed.notify_all()
             if not self._updates and timeout > 0 and not self._closing:
                 try:
                     await asyncio.wait_for(
@@ -471,4 +587,8 @@ class FakeTelegramServer:
 
 
 class _ApiError(Exception):
-    """A request the real Bot API would refuse with 400."""
+    """A request the real Bot API would refuse (400 unless ``code`` says otherwise)."""
+
+    def __init__(self, message: str, *, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
