@@ -71,7 +71,7 @@ _UPDATE: ContextVar[UpdateScope | None] = ContextVar("reverie_update", default=N
 def handling_update(key: str) -> Iterator[UpdateScope]:
     """Within the block, :meth:`Store.append_turn` keys the first user turn ``<key>:user`` and the agent turn
     after it ``<key>:reply``: a redelivered update (handled before a crash but never confirmed to the platform)
-    stores neither twice, and :meth:`Store.update_replied` tells whether its reply was stored already."""
+    stores neither twice, and :meth:`Store.update_reply` finds its reply when it was stored already."""
     scope = UpdateScope(key)
     token = _UPDATE.set(scope)
     try:
@@ -251,11 +251,10 @@ class Store:
             key=idempotency_key or _update_turn_key(role) or new_idempotency_key(),
         )
 
-    async def update_replied(self, update_key: str) -> bool:
-        """Whether the reply to a platform update (:func:`handling_update`) is stored: it was handled before."""
+    async def update_reply(self, update_key: str) -> Turn | None:
+        """The stored reply to a platform update (:func:`handling_update`), if it was handled before."""
         async with self.database.session() as session:
-            found = (await session.exec(select(Turn.id).where(Turn.idempotency_key == f"{update_key}:reply"))).first()
-        return found is not None
+            return (await session.exec(select(Turn).where(Turn.idempotency_key == f"{update_key}:reply"))).first()
 
     @retry_transient()
     async def _append_turn(

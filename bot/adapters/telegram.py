@@ -23,7 +23,9 @@ the process's HTTP server (:mod:`bot.web`). Each request's ``X-Telegram-Bot-Api-
 update (``Update.de_json``) goes through the same per-chat processor and handlers as a polled one, and the request
 is answered only once it was handled, so an update whose replica died mid-way is redelivered to another one.
 A redelivered update stores nothing twice: its user turn and reply carry keys derived from the update id
-(:func:`storage.store.handling_update`), and one whose reply is stored already is acknowledged and skipped.
+(:func:`storage.store.handling_update`), and one whose reply is stored already gets that reply sent again rather
+than a second one (a dead replica may never have sent it; Telegram shows it twice only when the replica died
+between Telegram accepting the message and the webhook's 200).
 """
 
 from __future__ import annotations
@@ -366,10 +368,16 @@ class TelegramAdapter:
                 return  # group chatter not meant for the bot
         chat = chat_ref(message.chat, user)
         key = update_key(context.bot.id, update.update_id)
-        if await self._service.store.update_replied(key):
-            logger.info("Telegram update %s was answered before (a redelivery): skipped", update.update_id)
-            return
         async with self._apologising(message, "message"):
+            stored = await self._service.store.update_reply(key)
+            if stored is not None:
+                # A redelivery: the replica that stored this reply did not confirm the update, so it may have died
+                # before sending it. Send the stored reply again instead of a second, different one.
+                logger.info(
+                    "Telegram update %s was answered before (a redelivery): its reply sent again", update.update_id
+                )
+                await self._send(message, [Reply(stored.text, turn_id=stored.id)])
+                return
             with handling_update(key):
                 async with self._typing(message):
                     replies = await self._service.handle_message(chat, text)
