@@ -2,11 +2,13 @@
 
 ``IMAGINE_BACKEND=auto`` (the default) picks, per task:
 
-1. an OpenAI-compatible server when one is configured (``OPENAI_BASE_URL`` or ``OPENAI_API_KEY``);
-2. otherwise, for a built-in task with scripted simulators (``imagine.simulated.scripted_tasks``), the scripted
-   source: scripted behaviour agents talking to scripted users, useful dialogues in seconds and no model;
-3. otherwise (a custom task) the base model on this machine, with a warning when it is the bundled 135 M model,
-   whose dialogues are weak.
+1. for any task whose world compiles from its TOML (:func:`imagine.world.world_for`; every task whose persona
+   hints list values), the scripted source: scripted behaviour agents talking to the world's simulated users,
+   thousands of useful dialogues a minute and no model; when an OpenAI-compatible server is configured
+   (``OPENAI_BASE_URL`` or ``OPENAI_API_KEY``) its free-form dialogues are mixed in (``also``);
+2. otherwise the server when one is configured;
+3. otherwise the base model on this machine, with a warning when it is the bundled 135 M model, whose dialogues
+   are weak.
 
 An explicit ``IMAGINE_BACKEND`` (``openai``, ``local``, ``scripted``) is obeyed as it is, with the same warnings.
 The improvement loop logs the choice at the start of every run, records it in the run's config and shows it in
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from bot.settings import Settings
+    from imagine.task import TaskSpec
 
 #: A concrete imagination source (``auto`` resolved).
 ImagineBackend = Literal["openai", "local", "scripted"]
@@ -40,11 +43,29 @@ class ImaginationChoice:
     backend: ImagineBackend
     reason: str
     warning: str | None = None
+    #: A second source whose dialogues are mixed in (the LLM server beside the compiled world), if any.
+    also: ImagineBackend | None = None
 
     def describe(self) -> str:
         """One line for logs and ``/status``."""
-        line = f"{self.backend} ({self.reason})"
+        line = f"{self.backend}{f' + {self.also}' if self.also else ''} ({self.reason})"
         return f"{line}. Warning: {self.warning}" if self.warning else line
+
+
+def world_problem(task: TaskSpec) -> str | None:
+    """Why the task's world does not compile (``None``: it does, so it has simulated users and scripted agents)."""
+    from imagine.world import TaskWorldError, world_for
+
+    try:
+        world_for(task)
+    except TaskWorldError as error:
+        return str(error)
+    return None
+
+
+def world_available(task: TaskSpec) -> bool:
+    """Whether the task's world compiles (see :func:`world_problem`)."""
+    return world_problem(task) is None
 
 
 def llm_server_configured(settings: Settings) -> bool:
@@ -62,33 +83,29 @@ def _local_warning(settings: Settings) -> str | None:
     )
 
 
-def choose_imagination(settings: Settings, task: str) -> ImaginationChoice:
-    """The imagination source for ``task`` (its name) under ``settings``; see the module docstring for the rule."""
-    from imagine.simulated import scripted_tasks
-
-    scripted = task in scripted_tasks()
+def choose_imagination(settings: Settings, task: TaskSpec) -> ImaginationChoice:
+    """The imagination source for ``task`` under ``settings``; see the module docstring for the rule."""
+    problem = world_problem(task)
     configured = settings.imagine_backend
     if configured == "openai":
         return ImaginationChoice("openai", "IMAGINE_BACKEND=openai")
     if configured == "local":
         return ImaginationChoice("local", "IMAGINE_BACKEND=local", _local_warning(settings))
     if configured == "scripted":
-        if scripted:
-            return ImaginationChoice("scripted", "IMAGINE_BACKEND=scripted")
-        warning = (
-            f"task {task!r} has no scripted simulators (only {', '.join(scripted_tasks())} do): imagination will "
-            "fail; set IMAGINE_BACKEND=auto"
-        )
+        warning = None if problem is None else f"imagination will fail: {problem}"
         return ImaginationChoice("scripted", "IMAGINE_BACKEND=scripted", warning)
-    if llm_server_configured(settings):
-        return ImaginationChoice("openai", "IMAGINE_BACKEND=auto and an LLM server is configured")
-    if scripted:
-        reason = f"IMAGINE_BACKEND=auto, no LLM server configured, built-in task {task!r} has scripted simulators"
+    server = llm_server_configured(settings)
+    if problem is None:
+        reason = f"IMAGINE_BACKEND=auto: task {task.name!r} compiles into a world of simulated users"
+        if server:
+            return ImaginationChoice("scripted", reason + ", an LLM server's dialogues mixed in", also="openai")
         return ImaginationChoice("scripted", reason)
+    if server:
+        return ImaginationChoice("openai", f"IMAGINE_BACKEND=auto, an LLM server is configured ({problem})")
     return ImaginationChoice(
         "local",
-        f"IMAGINE_BACKEND=auto, no LLM server configured, custom task {task!r}: the base model {settings.base_model!r} "
-        "on this machine",
+        f"IMAGINE_BACKEND=auto, no LLM server configured and no world ({problem}): the base model "
+        f"{settings.base_model!r} on this machine",
         _local_warning(settings),
     )
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot import redaction
 from bot.forgetting import RUN_INPUT, purge_forgotten
-from bot.imagination import ImaginationChoice, choose_imagination, imagined_per_run
+from bot.imagination import IMAGINED_PER_RUN, ImaginationChoice, choose_imagination, imagined_per_run, world_available
 from bot.jobs import EvalJob, TrainJob, train_config, write_job
 from bot.policy_holder import PolicyHolder
 from bot.settings import Settings
@@ -327,7 +327,7 @@ class ImprovementLoop:
 
     def imagination(self) -> ImaginationChoice:
         """The imagination source of this loop's runs, and why (:func:`bot.imagination.choose_imagination`)."""
-        return choose_imagination(self.settings, self.task.name)
+        return choose_imagination(self.settings, self.task)
 
     def imagined_per_run(self) -> int:
         """Fresh imagined dialogues per run (``IMPROVE_IMAGINED``, else the source's default)."""
@@ -446,7 +446,7 @@ class ImprovementLoop:
             run_dir = settings.data_dir / "runs" / f"run-{run.id}"
             candidate_dir = run_dir / "candidate"
             try:
-                return await self._steps(run, run_dir, candidate_dir, imagination.backend, imagined)
+                return await self._steps(run, run_dir, candidate_dir, imagination, imagined)
             except asyncio.CancelledError:
                 await asyncio.shield(
                     self.store.update_training_run(run.id, status=RunStatus.CANCELLED, error="cancelled")
@@ -463,7 +463,7 @@ class ImprovementLoop:
             await self.lock.release()
 
     async def _steps(
-        self, run: TrainingRun, run_dir: Path, candidate_dir: Path, backend: str, imagined: int
+        self, run: TrainingRun, run_dir: Path, candidate_dir: Path, imagination: ImaginationChoice, imagined: int
     ) -> TrainingRun:
         deadline = time.monotonic() + self.settings.improve_time_limit_minutes * 60
         started = time.monotonic()
@@ -473,7 +473,9 @@ class ImprovementLoop:
 
         self.on_step("imagine")
         if imagined > 0:
-            await self._imagine(run, run_dir, backend, imagined, remaining())
+            await self._imagine(run, run_dir, imagination.backend, imagined, remaining())
+            if imagination.also is not None:  # the LLM server's free-form dialogues, mixed in
+                await self._imagine(run, run_dir, imagination.also, IMAGINED_PER_RUN[imagination.also], remaining())
 
         self.on_step("select")
         dialogues_path, run, real_ids = await self._select(run, run_dir)
@@ -503,7 +505,8 @@ class ImprovementLoop:
     async def _imagine(self, run: TrainingRun, run_dir: Path, backend: str, count: int, time_limit_s: float) -> None:
         """``count`` fresh imagined dialogues of the task from ``backend``; they land in the database as
         ``source="imagined"``."""
-        command = _flags("imagine", task=self.task.name, n=count, backend=backend, seed=run.id)
+        # the spec's own file, so a task given by path reaches the child as that path
+        command = _flags("imagine", task=self.task.reference, n=count, backend=backend, seed=run.id)
         await self._child("imagine", command, run_dir, time_limit_s)
 
     async def _select(self, run: TrainingRun, run_dir: Path) -> tuple[Path, TrainingRun, list[int]]:
@@ -542,7 +545,7 @@ class ImprovementLoop:
             config = train_config(
                 s,
                 algorithm=s.improve_algo,
-                task=self.task.name,
+                task=self.task.reference,
                 seed=run.id or 0,
                 steps=s.improve_steps,
                 value_steps=s.improve_value_steps,
@@ -558,14 +561,12 @@ class ImprovementLoop:
     ) -> GateInputs:
         """Success rates of candidate and active policy on the same simulated users, and their paired
         difference."""
-        from imagine.simulated import scripted_tasks
-
         s = self.settings
         out = run_dir / "evaluation"
         job = EvalJob(
-            task=self.task.name,
+            task=self.task.reference,
             policies={CANDIDATE: str(candidate_dir), ACTIVE: active_source(active)},
-            users="scripted" if self.task.name in scripted_tasks() else "llm",
+            users="scripted" if world_available(self.task) else "llm",
             episodes=s.improve_eval_episodes,
             seed=run.id or 0,
             base_model=s.base_model,

@@ -95,6 +95,9 @@ class EvalJob:
     base_model: str
     #: Keep the episodes in the database (``source="evaluation"``).
     store: bool = True
+    #: Which personas and phrasings the simulated users take (``imagine.world.Split``): the gate uses the held-out
+    #: value combinations and phrasings, never trained on.
+    split: Literal["heldout", "train", "all"] = "heldout"
 
     def to_json(self) -> str:
         """The job file's text, with :data:`JOB_SCHEMA_VERSION`."""
@@ -108,8 +111,11 @@ class EvalJob:
             job = cls(**data)
         except TypeError as error:
             raise JobError(f"eval job {source}: {error}") from error
-        if job.users not in ("scripted", "llm") or not job.policies:
-            raise JobError(f"eval job {source}: users must be 'scripted' or 'llm' and policies not empty")
+        if job.users not in ("scripted", "llm") or not job.policies or job.split not in ("heldout", "train", "all"):
+            raise JobError(
+                f"eval job {source}: users must be 'scripted' or 'llm', split 'heldout', 'train' or 'all', and "
+                "policies not empty"
+            )
         return job
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagine.parsing import DialogueParseError, extract_json
-from imagine.task import TaskSpec
+from imagine.task import TaskSpec, hint_values
 
 Persona = dict[str, Any]
 
@@ -36,16 +36,7 @@ class Dimension:
 
 def dimensions(task: TaskSpec) -> list[Dimension]:
     """The task's persona hints split into dimension names and value lists."""
-    parsed = []
-    for hint in task.persona_hints:
-        match = re.match(r"^\s*(?P<name>[^(]+?)\s*\((?P<values>.*)\)\s*$", hint)
-        if not match:
-            parsed.append(Dimension(hint.strip(), ()))
-            continue
-        raw = re.split(r",(?=(?:[^']*'[^']*')*[^']*$)|\s+or\s+", match.group("values"))
-        values = tuple(v.strip().strip("'\"").strip() for v in raw if v.strip().strip("'\""))
-        parsed.append(Dimension(match.group("name"), values))
-    return parsed
+    return [Dimension(name, values) for name, values in hint_values(task.persona_hints).items()]
 
 
 def sample_persona(task: TaskSpec, rng: random.Random) -> Persona:

@@ -39,11 +39,10 @@ from imagine.simulated import (
     ChatCompleter,
     LLMUser,
     SimulatedUser,
-    scripted_task,
-    scripted_tasks,
     stable_rng,
 )
 from imagine.task import TaskSpec
+from imagine.world import Split, TaskWorldError, world_for
 from learning.cpus import follow_cpu_affinity
 from learning.interface import Message, Policy
 from storage import Store
@@ -79,6 +78,8 @@ class EpisodeResult:
     reward: float
     outcome: str
     conversation_id: int | None = None
+    #: Whether the agent asked for a value the user had already given (simulated users of a compiled world).
+    re_asked: bool = False
 
     @property
     def success(self) -> bool:
@@ -100,6 +101,7 @@ class EpisodeResult:
             "reward": self.reward,
             "outcome": self.outcome,
             "conversation_id": self.conversation_id,
+            "re_asked": self.re_asked,
         }
 
     @classmethod
@@ -113,6 +115,7 @@ class EpisodeResult:
             reward=float(data["reward"]),
             outcome=str(data["outcome"]),
             conversation_id=data.get("conversation_id"),
+            re_asked=bool(data.get("re_asked", False)),
         )
 
 
@@ -153,6 +156,11 @@ class PolicyResult:
         return sum(e.reward for e in self.episodes) / self.n if self.n else 0.0
 
     @property
+    def re_ask_rate(self) -> float:
+        """Share of episodes in which the agent asked for a value the user had already given."""
+        return sum(1 for e in self.episodes if e.re_asked) / self.n if self.n else 0.0
+
+    @property
     def mean_turns(self) -> float:
         """Mean number of agent turns per episode."""
         return sum(e.agent_turns for e in self.episodes) / self.n if self.n else 0.0
@@ -184,6 +192,7 @@ class PolicyResult:
             "ci_high": high,
             "mean_reward": self.mean_reward,
             "mean_turns": self.mean_turns,
+            "re_ask_rate": self.re_ask_rate,
             "by_persona_type": {k: {"successes": s, "episodes": n} for k, (s, n) in self.by_persona_type().items()},
             "outcomes": self.outcomes(),
             "seconds": self.seconds,
@@ -235,6 +244,9 @@ class EvaluationReport:
     results: list[PolicyResult]
     started_at: datetime
     finished_at: datetime
+    #: Which personas and phrasings were met: ``"heldout"`` (value combinations and phrasings never trained on),
+    #: ``"train"`` or ``"all"``; see :mod:`imagine.world.splits`.
+    split: str = "all"
 
     def result(self, name: str) -> PolicyResult:
         """The result of the policy called ``name``."""
@@ -250,6 +262,7 @@ class EvaluationReport:
             "users": self.users,
             "seed": self.seed,
             "episodes": self.episodes,
+            "split": self.split,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat(),
             "policies": [result.to_dict() for result in self.results],
@@ -271,6 +284,7 @@ class EvaluationReport:
                 results=[PolicyResult.from_dict(result) for result in data["policies"]],
                 started_at=datetime.fromisoformat(data["started_at"]),
                 finished_at=datetime.fromisoformat(data["finished_at"]),
+                split=str(data.get("split", "all")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"not an evaluation report: {type(error).__name__}: {error}") from error
@@ -282,17 +296,19 @@ class EvaluationReport:
 
 
 async def evaluation_personas(
-    task: TaskSpec, episodes: int, seed: int, backend: ChatCompleter | None = None
+    task: TaskSpec, episodes: int, seed: int, backend: ChatCompleter | None = None, split: Split = "heldout"
 ) -> list[dict[str, Any]]:
     """The hidden personas an evaluation uses, the same for every policy.
 
-    Tasks with a scripted user use its persona space (no backend needed). Other tasks ask ``backend`` for
-    one concrete persona per episode along the task's persona hints (a JSON object of trait → value).
+    They come from the task's compiled world, from ``split``'s value combinations. A task without a world (its
+    hints list no values) needs ``backend`` (LLM users), which invents one concrete persona per episode along the
+    persona hints.
     """
-    if task.name in scripted_tasks():
-        return [dict(p) for p in scripted_task(task.name).sample_personas(episodes, seed)]
-    if backend is None:
-        raise ValueError(f"task {task.name!r} has no scripted personas: give a backend to invent them")
+    try:
+        return [dict(p) for p in world_for(task).sample_personas(episodes, seed, split)]
+    except TaskWorldError:
+        if backend is None:
+            raise
     return list(await asyncio.gather(*(_invent_persona(task, backend, seed, index) for index in range(episodes))))
 
 
@@ -318,8 +334,6 @@ async def _invent_persona(task: TaskSpec, backend: ChatCompleter, seed: int, ind
 
 
 def _persona_type(task: TaskSpec, persona: Mapping[str, Any]) -> str:
-    if task.name in scripted_tasks():
-        return scripted_task(task.name).persona_type(persona)
     return str(next(iter(persona.values()), "unknown"))
 
 
@@ -330,11 +344,12 @@ def _make_users(
     seed: int,
     backend: ChatCompleter | None,
     judge: ChatCompleter | None,
+    split: Split,
 ) -> list[SimulatedUser]:
     if users == "scripted":
-        simulated = scripted_task(task.name)
+        world = world_for(task)
         return [
-            simulated.make_user(persona, seed=("eval", seed, index), max_turns=task.max_turns)
+            world.make_user(persona, seed=("eval", seed, index), max_turns=task.max_turns, phrasings=split)
             for index, persona in enumerate(personas)
         ]
     if backend is None:
@@ -357,12 +372,13 @@ async def evaluate_async(
     judge: ChatCompleter | None = None,
     batch_size: int = 64,
     max_turns: int | None = None,
+    split: Split = "heldout",
 ) -> EvaluationReport:
     """Run every policy for ``episodes`` episodes against the same simulated users; see :func:`evaluate`."""
     if users not in ("scripted", "llm"):
         raise ValueError(f"users must be 'scripted' or 'llm', not {users!r}")
-    if users == "scripted" and task.name not in scripted_tasks():
-        raise ValueError(f"task {task.name!r} has no scripted user (have: {', '.join(scripted_tasks())}); use llm")
+    if users == "scripted":
+        world_for(task)  # a task whose world does not compile fails here, with the reason
     if users == "llm" and backend is None:
         raise ValueError("users='llm' needs backend=<a chat backend> (and optionally judge=)")
     if episodes < 1:
@@ -370,13 +386,13 @@ async def evaluate_async(
     if not policies:
         raise ValueError("give at least one policy")
     limit = max_turns or task.max_turns
-    personas = await evaluation_personas(task, episodes, seed, backend if users == "llm" else None)
+    personas = await evaluation_personas(task, episodes, seed, backend if users == "llm" else None, split)
     started = datetime.now(UTC)
     results: list[PolicyResult] = []
     with _progress(progress) as bar:
         for policy in policies:
             bar_task = bar.add_task(policy.name, total=episodes)
-            user_list = _make_users(task, personas, users, seed, backend, judge)
+            user_list = _make_users(task, personas, users, seed, backend, judge, split)
             result = await _run_policy(
                 policy, task, personas, user_list, seed, limit, batch_size, lambda k, t=bar_task: bar.advance(t, k)
             )
@@ -391,6 +407,7 @@ async def evaluate_async(
         results=results,
         started_at=started,
         finished_at=datetime.now(UTC),
+        split=split,
     )
 
 
@@ -407,10 +424,12 @@ def evaluate(
     judge: ChatCompleter | None = None,
     batch_size: int = 64,
     max_turns: int | None = None,
+    split: Split = "heldout",
 ) -> EvaluationReport:
     """Evaluate ``policies`` on ``task`` against simulated users with hidden personas (blocking).
 
-    ``users="scripted"`` uses the task's scripted user (objective 0/1 reward; travel and teaching);
+    ``users="scripted"`` uses the users of the task's compiled world (objective 0/1 reward, any task), meeting
+    ``split``'s personas and phrasings (default: the held-out ones, never trained on);
     ``users="llm"`` uses :class:`imagine.simulated.LLMUser` on ``backend``, scored by ``judge`` (default: the
     same backend). Every policy meets the same ``episodes`` personas drawn from ``seed``. Agent turns are
     generated with ``policy.respond_batch`` in chunks of ``batch_size`` open episodes, in lockstep; an
@@ -434,6 +453,7 @@ def evaluate(
                 judge=judge,
                 batch_size=batch_size,
                 max_turns=max_turns,
+                split=split,
             )
         )
     raise RuntimeError("evaluate() blocks; inside an event loop use `await evaluate_async(...)`")
@@ -510,6 +530,7 @@ async def _run_policy(
                 turns=[(m.role, m.text) for m in episode.history],
                 reward=float(reward),
                 outcome=str(outcome),
+                re_asked=bool(getattr(episode.user, "re_asked", False)),
             )
         )
     result.seconds = time.perf_counter() - clock

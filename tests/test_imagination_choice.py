@@ -30,7 +30,7 @@ def _settings(tmp_path: Path, **values: object) -> Settings:
 
 @pytest.fixture
 def custom_task(tmp_path: Path) -> TaskSpec:
-    """A task of the user's own (the travel spec under another name: no scripted simulators)."""
+    """A task of the user's own given by path: the travel spec under another name (it compiles into a world)."""
     path = tmp_path / "gift.toml"
     path.write_text(TRAVEL_TOML.read_text(encoding="utf-8").replace('name = "travel"', 'name = "gift"', 1))
     task = load_task(path)
@@ -38,40 +38,61 @@ def custom_task(tmp_path: Path) -> TaskSpec:
     return task
 
 
+@pytest.fixture
+def worldless_task(tmp_path: Path) -> TaskSpec:
+    """A task whose persona hints list no values: no world compiles from it."""
+    path = tmp_path / "muse.toml"
+    text = TRAVEL_TOML.read_text(encoding="utf-8").split("\n# --- The compiled world")[0]
+    start, end = text.index("persona_hints = ["), text.index("critique_criteria")
+    text = text[:start] + 'persona_hints = ["taste", "mood"]\n' + text[end:]
+    path.write_text(text.replace('name = "travel"', 'name = "muse"', 1))
+    return load_task(path)
+
+
 def test_default_is_auto() -> None:
     assert Settings(_env_file=None).imagine_backend == "auto"
 
 
-@pytest.mark.parametrize("task", ["travel", "teaching"])
-def test_built_in_task_without_a_server_imagines_with_its_scripted_simulators(tmp_path: Path, task: str) -> None:
-    choice = choose_imagination(_settings(tmp_path), task)
-    assert choice.backend == "scripted" and choice.warning is None
-    assert "no LLM server configured" in choice.reason and task in choice.reason
+@pytest.mark.parametrize("task", ["travel", "teaching", "gift"])
+def test_every_task_with_a_world_imagines_with_its_scripted_agents(
+    tmp_path: Path, task: str, custom_task: TaskSpec
+) -> None:
+    spec = custom_task if task == "gift" else load_task(task)
+    choice = choose_imagination(_settings(tmp_path), spec)
+    assert choice.backend == "scripted" and choice.warning is None and choice.also is None
+    assert "compiles into a world" in choice.reason and spec.name in choice.reason
 
 
-def test_custom_task_without_a_server_uses_the_bundled_model_with_a_warning(tmp_path: Path) -> None:
-    choice = choose_imagination(_settings(tmp_path), "gift")
-    assert choice.backend == "local" and "custom task 'gift'" in choice.reason
+def test_a_task_without_a_world_and_no_server_uses_the_bundled_model_with_a_warning(
+    tmp_path: Path, worldless_task: TaskSpec
+) -> None:
+    choice = choose_imagination(_settings(tmp_path), worldless_task)
+    assert choice.backend == "local" and "'taste' lists no values" in choice.reason
     assert choice.warning is not None and "weak dialogues" in choice.warning and "OPENAI_BASE_URL" in choice.warning
     # Another local model than the bundled one: no warning about the bundled one's quality.
-    assert choose_imagination(_settings(tmp_path, base_model="/models/qwen-7b"), "gift").warning is None
+    assert choose_imagination(_settings(tmp_path, base_model="/models/qwen-7b"), worldless_task).warning is None
 
 
-@pytest.mark.parametrize("task", ["travel", "gift"])
 @pytest.mark.parametrize("server", [{"openai_base_url": "http://127.0.0.1:8000/v1"}, {"openai_api_key": "sk-x"}])
-def test_a_configured_server_imagines_for_every_task(tmp_path: Path, task: str, server: dict[str, str]) -> None:
+def test_a_configured_server_is_mixed_in_or_imagines_alone(
+    tmp_path: Path, server: dict[str, str], custom_task: TaskSpec, worldless_task: TaskSpec
+) -> None:
     settings = _settings(tmp_path, **server)
-    choice = choose_imagination(settings, task)
-    assert choice.backend == "openai" and "LLM server is configured" in choice.reason and choice.warning is None
+    for spec in (load_task("travel"), custom_task):
+        choice = choose_imagination(settings, spec)
+        assert choice.backend == "scripted" and choice.also == "openai" and "mixed in" in choice.reason
+    alone = choose_imagination(settings, worldless_task)
+    assert alone.backend == "openai" and alone.also is None and "LLM server is configured" in alone.reason
     assert chat_backend(settings) == "openai"
 
 
-def test_an_explicit_backend_is_obeyed(tmp_path: Path) -> None:
+def test_an_explicit_backend_is_obeyed(tmp_path: Path, worldless_task: TaskSpec) -> None:
     server = {"openai_base_url": "http://127.0.0.1:8000/v1"}
-    assert choose_imagination(_settings(tmp_path, imagine_backend="local", **server), "travel").backend == "local"
-    assert choose_imagination(_settings(tmp_path, imagine_backend="openai"), "travel").backend == "openai"
-    wrong = choose_imagination(_settings(tmp_path, imagine_backend="scripted"), "gift")
-    assert wrong.backend == "scripted" and wrong.warning and "no scripted simulators" in wrong.warning
+    travel = load_task("travel")
+    assert choose_imagination(_settings(tmp_path, imagine_backend="local", **server), travel).backend == "local"
+    assert choose_imagination(_settings(tmp_path, imagine_backend="openai"), travel).backend == "openai"
+    wrong = choose_imagination(_settings(tmp_path, imagine_backend="scripted"), worldless_task)
+    assert wrong.backend == "scripted" and wrong.warning and "lists no values" in wrong.warning
     # LLM-driven users need a chat model, never the scripted source.
     assert chat_backend(_settings(tmp_path, imagine_backend="scripted")) == "local"
 
@@ -97,7 +118,7 @@ async def test_each_run_logs_and_records_its_choice_and_status_shows_it(
     [line] = [r for r in caplog.records if "imagines" in r.getMessage()]
     assert line.levelno == logging.INFO and "with scripted (IMAGINE_BACKEND=auto" in line.getMessage()
     run = await sqlite_store.last_training_run()
-    assert run.config["backend"] == "scripted" and "scripted simulators" in run.config["backend_reason"]
+    assert run.config["backend"] == "scripted" and "compiles into a world" in run.config["backend_reason"]
     # Scripted dialogues cost seconds: a run imagines thousands by default, enough for imitation to learn the task.
     assert run.config["imagined"] == IMAGINED_PER_RUN["scripted"] == 2400
 
@@ -106,17 +127,17 @@ async def test_each_run_logs_and_records_its_choice_and_status_shows_it(
     )
     status = "\n".join(reply.text for reply in await service.handle_command(ADMIN, "status"))
     assert (
-        "Imagination: 2400 dialogues per run from scripted (IMAGINE_BACKEND=auto, no LLM server configured, "
-        "built-in task 'travel'" in status
+        "Imagination: 2400 dialogues per run from scripted (IMAGINE_BACKEND=auto: task 'travel' compiles into a world"
+        in status
     )
     await service.shutdown()
 
 
-async def test_a_custom_task_run_warns_about_the_bundled_model(
-    sqlite_store: Store, tmp_path: Path, custom_task: TaskSpec, caplog: pytest.LogCaptureFixture
+async def test_a_run_for_a_task_without_a_world_warns_about_the_bundled_model(
+    sqlite_store: Store, tmp_path: Path, worldless_task: TaskSpec, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = _settings(tmp_path)
-    loop = ImprovementLoop(store=sqlite_store, settings=settings, task=custom_task)
+    loop = ImprovementLoop(store=sqlite_store, settings=settings, task=worldless_task)
     with caplog.at_level(logging.INFO, logger="bot.improve"):
         await _run_until_imagination(loop)
     [line] = [r for r in caplog.records if "imagines" in r.getMessage()]

@@ -339,14 +339,14 @@ async def test_feedback_buttons_survive_a_restart_and_conversations_resume(store
 
 async def test_turns_in_one_session_are_processed_in_order(store: Store) -> None:
     service = make_service(store, ScriptedPolicy(delay=0.01))
-    texts = [f"message {i}" for i in range(6)]
+    texts = [f"message {i}" for i in range(TASK.max_turns)]
     results = await asyncio.gather(*(service.handle_message(ALICE, text) for text in texts))
     replies = [[r for r in result if r.turn_id][-1] for result in results]
     assert [r.text for r in replies] == [f"scripted heard: {text}" for text in texts]
     turns = await store.get_turns((await store.get_turn(replies[0].turn_id)).conversation_id)
     assert [(t.role, t.text) for t in turns[1::2]] == [("user", text) for text in texts]
     assert [(t.role, t.id, t.text) for t in turns[2::2]] == [("agent", r.turn_id, r.text) for r in replies]
-    # The opening line and five replies reach the task's max_turns (6): the user is asked for a verdict once.
+    # The opening line and max_turns - 1 replies reach the task's max_turns: the user is asked for a verdict once.
     assert [i for i, r in enumerate(results) if "/end good" in r[-1].text] == [TASK.max_turns - 2]
 
 

@@ -34,7 +34,7 @@ def write(tmp_path: Path, text: str, name: str = "shop.toml") -> Path:
 def test_builtin_tasks_load_with_their_new_fields() -> None:
     assert builtin_tasks() == ["teaching", "travel"]
     travel = load_task("travel")
-    assert travel.name == "travel" and travel.max_turns == 6
+    assert travel.name == "travel" and travel.max_turns == 8
     assert "Traveller" in travel.user_aliases and travel.act_instruction
     assert "tutor" in load_task("teaching").system_prompt
 

@@ -107,7 +107,14 @@ def register(app: typer.Typer) -> None:
             "--policy",
             help="'base', a checkpoint directory, or 'scripted:<careful|eager|sloppy|chatty>'; repeat to compare.",
         ),
-        users: str = typer.Option("scripted", "--users", help="'scripted' (objective reward) or 'llm' (LLM + judge)."),
+        users: str = typer.Option(
+            "scripted", "--users", help="'scripted' (the task's world: objective reward) or 'llm' (LLM + judge)."
+        ),
+        split: str = typer.Option(
+            "heldout",
+            "--split",
+            help="Simulated users' personas and phrasings: 'heldout' (never trained on), 'train' or 'all'.",
+        ),
         episodes: int = typer.Option(200, "--episodes", min=1, help="Episodes per policy (same personas for all)."),
         seed: int = typer.Option(0, "--seed", help="Seed for personas, users and sampling."),
         out: Path | None = typer.Option(None, "--out", help="Report directory (default: DATA_DIR/reports/eval-…)."),
@@ -141,24 +148,29 @@ def register(app: typer.Typer) -> None:
                 loaded = EvalJob.from_json(job)
             except JobError as error:
                 raise typer.BadParameter(str(error), param_hint="--job") from error
-            task_name, users, episodes, seed = loaded.task, loaded.users, loaded.episodes, loaded.seed
+            task_name, users, episodes, seed, split = (
+                loaded.task,
+                loaded.users,
+                loaded.episodes,
+                loaded.seed,
+                loaded.split,
+            )
             base_model, store = loaded.base_model, loaded.store
             names, policy_sources = list(loaded.policies), list(loaded.policies.values())
         if users not in ("scripted", "llm"):
             raise typer.BadParameter("choose 'scripted' or 'llm'", param_hint="--users")
+        if split not in ("heldout", "train", "all"):
+            raise typer.BadParameter("choose 'heldout', 'train' or 'all'", param_hint="--split")
         settings = Settings()
         try:
             task = load_task(task_name or settings.task)
         except TaskSpecError as error:
             raise typer.BadParameter(str(error), param_hint="--task") from error
         if users == "scripted":
-            from imagine.simulated import scripted_tasks
+            from bot.imagination import world_problem
 
-            if task.name not in scripted_tasks():
-                raise typer.BadParameter(
-                    f"task {task.name!r} has no scripted user ({', '.join(scripted_tasks())} do); use --users llm",
-                    param_hint="--users",
-                )
+            if (problem := world_problem(task)) is not None:
+                raise typer.BadParameter(f"{problem}; fix the task file or use --users llm", param_hint="--users")
         model_name = base_model or settings.base_model
         out_dir = out or settings.data_dir / "reports" / f"eval-{task.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
         policies = load_policies(
@@ -173,7 +185,9 @@ def register(app: typer.Typer) -> None:
                 policy.name = name  # the job's names, by which the improvement loop finds each result
         try:
             report = asyncio.run(
-                _run(settings, policies, task, users, episodes, seed, store, user_backend, model_name, batch_size)
+                _run(
+                    settings, policies, task, users, episodes, seed, store, user_backend, model_name, batch_size, split
+                )
             )
         finally:
             for policy in policies:
@@ -196,6 +210,7 @@ async def _run(
     user_backend: str | None,
     base_model: str,
     batch_size: int,
+    split: str,
 ) -> EvaluationReport:
     from bot.context import open_store
     from bot.imagination import chat_backend
@@ -211,6 +226,7 @@ async def _run(
             "progress": True,
             "backend": backend,
             "batch_size": batch_size,
+            "split": split,
         }
         if not store:
             return await evaluate_async(policies, task, **options)

@@ -96,7 +96,7 @@ async def imagine_dialogues(
 
 
 async def _scripted(store: Store, task: TaskSpec, n: int, *, seed: int, run_id: str) -> ImagineReport:
-    """Dialogues of scripted behaviour agents with scripted users (no model; built-in tasks only)."""
+    """Dialogues of scripted behaviour agents with the simulated users of the task's compiled world (no model)."""
     try:
         from imagine.simulated import SCRIPTED_REWARD_SOURCE, generate_scripted_dialogues
     except ImportError as error:
@@ -110,9 +110,9 @@ async def _scripted(store: Store, task: TaskSpec, n: int, *, seed: int, run_id: 
     done = {m.get("index") for m in metas if isinstance(m, dict) and m.get("run_id") == run_id}
     report.already_done = len(done)
     try:
-        records = generate_scripted_dialogues(task.name, n, seed)
+        records = generate_scripted_dialogues(task, n, seed)
     except (KeyError, ValueError) as error:
-        raise BackendError(f"no scripted users for task {task.name!r}: {error}") from error
+        raise BackendError(f"task {task.name!r} has no world of simulated users: {error}") from error
     for index, record in enumerate(records):
         if index in done:
             continue
@@ -164,8 +164,8 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             None,
             "--backend",
-            help="auto | openai | local | scripted (default: IMAGINE_BACKEND; auto: an LLM server if configured, else "
-            "scripted for built-in tasks, else local).",
+            help="auto | openai | local | scripted (default: IMAGINE_BACKEND; auto: scripted, the task's compiled "
+            "world, when its hints list values, else an LLM server if configured, else local).",
             show_default=False,
         ),
         no_critique: bool = typer.Option(False, "--no-critique", help="Skip the critique-and-revise step."),
@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
         if kind == "auto":
             from bot.imagination import choose_imagination
 
-            choice = choose_imagination(settings.model_copy(update={"imagine_backend": "auto"}), spec.name)
+            choice = choose_imagination(settings.model_copy(update={"imagine_backend": "auto"}), spec)
             kind = choice.backend
             console.print(f"imagining with {choice.describe()}")
         if run_id is None:

@@ -1,9 +1,11 @@
 """Scripted behaviour agents of varying skill, and the ``scripted`` source of imagined dialogues.
 
-A :class:`Behaviour` decides, from how many hidden attributes it already knows, whether to commit to a final
-act now (guessing what it does not know) or to ask about one more attribute. Mixing behaviours gives
-suboptimal data (~40 % success) in which the optimal behaviour (ask everything, then act) is present but
-rare, so "offline RL learns more than the data shows" is measurable objectively and offline.
+A :class:`Behaviour` decides, from how many preferences it already knows, whether to commit to a final act now
+(guessing what it does not know) or to ask about one more. It plays in the task's compiled world
+(:func:`imagine.world.world_for`), so every task has one, a user's TOML file included. Mixing behaviours gives
+suboptimal data in which the optimal behaviour (use what the user said, answer a side question and steer back,
+ask the rest, then act) is present but rare, so "offline RL learns more than the data shows" is measurable
+objectively and offline. Imagined dialogues use only the training split of value combinations and phrasings.
 
 :class:`BehaviourPolicy` plays a behaviour behind the same interface as ``learning.interface.Policy``
 (``respond_batch``/``respond``/``close``/``version_id``/``name``), without importing ``learning``.
@@ -15,33 +17,34 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from pathlib import Path
 from typing import Any
 
-from imagine.simulated.base import (
-    SCRIPTED_REWARD_SOURCE,
-    MessageLike,
-    ScriptedTask,
-    Utterance,
-    stable_rng,
-)
-from imagine.simulated.registry import opening_line, scripted_task
-from imagine.task import load_task
+from imagine.conversation import SCRIPTED_REWARD_SOURCE, MessageLike, Utterance, stable_rng
+from imagine.task import TaskSpec
+from imagine.world import Split, TaskWorld, world_for
 from storage import DialogueRecord, Store, TurnRecord
+
+#: A task given as its spec, a built-in name or the path of its TOML file.
+TaskRef = TaskSpec | str | Path
 
 
 @dataclass(frozen=True, slots=True)
 class Behaviour:
     """How a scripted agent plays.
 
-    ``act_probability[k]`` is the chance of committing to a final act when ``k`` attributes are known (the
-    last entry applies to larger ``k``); knowing every attribute always acts. ``off_topic_probability`` is
-    the chance of a small-talk turn the user does not understand (wastes a turn).
+    ``act_probability[k]`` is the chance of committing to a final act when ``k`` preferences are known (the
+    last entry applies to larger ``k``); knowing every preference always acts. ``off_topic_probability`` is
+    the chance of a small-talk turn the user does not understand (wastes a turn). ``listens`` is the chance of
+    using what the user volunteered (otherwise it asks only about what it has not asked yet, which may re-ask);
+    ``answers_side_questions`` the chance of answering a user's side question before its next move.
     """
 
     name: str
     act_probability: tuple[float, ...]
     off_topic_probability: float = 0.0
+    listens: float = 1.0
+    answers_side_questions: float = 1.0
     description: str = ""
 
     def probability_to_act(self, known: int, total: int) -> float:
@@ -54,13 +57,31 @@ class Behaviour:
 BEHAVIOURS: dict[str, Behaviour] = {
     behaviour.name: behaviour
     for behaviour in (
-        Behaviour("careful", (0.0,), description="asks about every attribute, then acts on what it learned (optimal)"),
-        Behaviour("eager", (0.5, 1.0), description="acts after 0-1 questions, guessing the rest"),
-        Behaviour("sloppy", (0.0, 0.25, 1.0), description="asks one or two questions, then guesses the rest"),
+        Behaviour(
+            "careful",
+            (0.0,),
+            description="uses what the user said, answers side questions, asks the rest, then acts (optimal)",
+        ),
+        Behaviour(
+            "eager",
+            (0.5, 1.0),
+            listens=0.6,
+            answers_side_questions=0.5,
+            description="acts after 0-1 questions, guessing the rest",
+        ),
+        Behaviour(
+            "sloppy",
+            (0.0, 0.25, 1.0),
+            listens=0.5,
+            answers_side_questions=0.5,
+            description="asks one or two questions, then guesses the rest; often re-asks what was volunteered",
+        ),
         Behaviour(
             "chatty",
             (0.0, 0.1, 0.6),
             off_topic_probability=0.3,
+            listens=0.7,
+            answers_side_questions=0.7,
             description="wanders off topic, sometimes runs out of turns, often guesses",
         ),
     )
@@ -86,19 +107,27 @@ def _history_rng(seed: int | None, behaviour: str, history: Sequence[MessageLike
 
 
 def next_agent_utterance(
-    task: ScriptedTask, behaviour: Behaviour, history: Sequence[MessageLike], rng: random.Random, opening: str
+    world: TaskWorld, behaviour: Behaviour, history: Sequence[MessageLike], rng: random.Random
 ) -> str:
     """What ``behaviour`` says next after ``history`` (empty history: the task's opening line)."""
     if not history:
-        return opening
-    known = task.known_from_history(history)
-    total = len(task.attributes)
+        return world.spec.opening_line
+    known = world.known_from_history(history)
+    side = world.side_question_in(history[-1].text) if history[-1].role == "user" else None
+    answer = ""
+    if side is not None and rng.random() < behaviour.answers_side_questions:
+        answer = f"Good question! {side.answer} "
+    total = len(world.attribute_names)
     if rng.random() < behaviour.probability_to_act(len(known), total):
-        return task.compose_act(known, rng)
+        return answer + world.compose_act(known, rng)
     if behaviour.off_topic_probability and rng.random() < behaviour.off_topic_probability:
-        return rng.choice(OFF_TOPIC)
-    unknown = [name for name in task.attribute_names if name not in known]
-    return task.ask(rng.choice(unknown), rng)
+        return answer + rng.choice(OFF_TOPIC)
+    unknown = [name for name in world.attribute_names if name not in known]
+    if rng.random() >= behaviour.listens:
+        # not listening: it asks about whatever it has not asked yet, volunteered or not
+        asked = {name for m in history if m.role == "agent" for name in world.asked_attributes(m.text)}
+        unknown = [name for name in world.attribute_names if name not in asked] or unknown
+    return answer + world.ask(rng.choice(unknown), rng)
 
 
 class BehaviourPolicy:
@@ -109,13 +138,12 @@ class BehaviourPolicy:
 
     version_id: int | None = None
 
-    def __init__(self, task_name: str, behaviour: str) -> None:
+    def __init__(self, task: TaskRef, behaviour: str) -> None:
         if behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {behaviour!r}: choose one of {', '.join(BEHAVIOURS)}")
-        self.task = scripted_task(task_name)
+        self.world = world_for(task)
         self.behaviour = BEHAVIOURS[behaviour]
         self.name = f"scripted:{behaviour}"
-        self._opening = opening_line(task_name)
         self._closed = False
 
     def respond_batch(self, histories: Sequence[Sequence[MessageLike]], *, seed: int | None = None) -> list[str]:
@@ -123,9 +151,7 @@ class BehaviourPolicy:
         if self._closed:
             raise RuntimeError(f"{self.name} is closed")
         return [
-            next_agent_utterance(
-                self.task, self.behaviour, history, _history_rng(seed, self.behaviour.name, history), self._opening
-            )
+            next_agent_utterance(self.world, self.behaviour, history, _history_rng(seed, self.behaviour.name, history))
             for history in histories
         ]
 
@@ -155,46 +181,51 @@ def validate_mix(mix: Mapping[str, float] | None) -> dict[str, float]:
 
 
 def play_scripted_episode(
-    task_name: str, behaviour: str, persona: Mapping[str, Any], *, seed: object, max_turns: int | None = None
+    task: TaskRef,
+    behaviour: str,
+    persona: Mapping[str, Any],
+    *,
+    seed: object,
+    max_turns: int | None = None,
+    phrasings: Split = "train",
 ) -> tuple[list[Utterance], float, str]:
-    """One episode of a behaviour agent with a scripted user: (turns, reward, outcome)."""
-    task = scripted_task(task_name)
-    limit = max_turns if max_turns is not None else _max_turns(task_name)
-    user = task.make_user(persona, seed=("episode", seed), max_turns=limit)
-    rng = stable_rng("agent", task_name, behaviour, seed)
-    opening = opening_line(task_name)
+    """One episode of a behaviour agent with a simulated user of the task's world: (turns, reward, outcome)."""
+    world = world_for(task)
+    user = world.make_user(persona, seed=("episode", seed), max_turns=max_turns, phrasings=phrasings)
+    rng = stable_rng("agent", world.name, behaviour, seed)
     turns: list[Utterance] = []
     while not user.done:
-        agent_text = next_agent_utterance(task, BEHAVIOURS[behaviour], turns, rng, opening)
+        agent_text = next_agent_utterance(world, BEHAVIOURS[behaviour], turns, rng)
         turns.append(Utterance("agent", agent_text))
         turns.append(Utterance("user", user.respond(agent_text).text))
     return turns, float(user.reward or 0.0), user.outcome or "turn_limit"
 
 
 def generate_scripted_dialogues(
-    task_name: str, n: int, seed: int, mix: Mapping[str, float] | None = None
+    task: TaskRef, n: int, seed: int, mix: Mapping[str, float] | None = None
 ) -> list[DialogueRecord]:
-    """``n`` suboptimal dialogues of scripted behaviour agents with scripted users, reproducible from ``seed``.
+    """``n`` suboptimal dialogues of scripted behaviour agents with simulated users, reproducible from ``seed``.
 
-    Records have source ``"imagined"``, platform ``"imagined"``, the hidden persona, reward 0/1 and meta
-    ``{"generator": "scripted", "behaviour": name, "outcome": ...}``. Each dialogue starts with the agent's
-    opening line and ends with the user's reaction.
+    Personas come from the training split of value combinations and users speak training phrasings only
+    (evaluation holds the rest out). Records have source ``"imagined"``, platform ``"imagined"``, the hidden
+    persona, reward 0/1 and meta ``{"generator": "scripted", "behaviour": name, "outcome": ...}``. Each dialogue
+    starts with the agent's opening line and ends with the user's reaction.
     """
     if n < 0:
         raise ValueError("n must be >= 0")
     weights = validate_mix(mix)
-    task = scripted_task(task_name)
+    world = world_for(task)
     records: list[DialogueRecord] = []
     for index in range(n):
-        rng = stable_rng("generate", task_name, seed, index)
+        rng = stable_rng("generate", world.name, seed, index)
         behaviour = _choose_behaviour(weights, rng)
-        persona = task.sample_persona(rng)
-        turns, reward, outcome = play_scripted_episode(task_name, behaviour, persona, seed=f"{seed}:{index}")
+        persona = world.sample_persona(rng, split="train")
+        turns, reward, outcome = play_scripted_episode(world.spec, behaviour, persona, seed=f"{seed}:{index}")
         records.append(
             DialogueRecord(
                 id=None,
                 source="imagined",
-                task=task_name,
+                task=world.name,
                 turns=tuple(TurnRecord(role=t.role, text=t.text) for t in turns),
                 reward=reward,
                 persona=dict(persona),
@@ -225,15 +256,10 @@ async def save_scripted_dialogues(store: Store, records: Sequence[DialogueRecord
 
 
 async def generate_and_save(
-    store: Store, task_name: str, n: int, seed: int, mix: Mapping[str, float] | None = None
+    store: Store, task: TaskRef, n: int, seed: int, mix: Mapping[str, float] | None = None
 ) -> list[int]:
     """Generate ``n`` scripted dialogues and store them; returns their conversation ids."""
-    return await save_scripted_dialogues(store, generate_scripted_dialogues(task_name, n, seed, mix))
-
-
-@cache
-def _max_turns(task_name: str) -> int:
-    return load_task(task_name).max_turns
+    return await save_scripted_dialogues(store, generate_scripted_dialogues(task, n, seed, mix))
 
 
 __all__ = [

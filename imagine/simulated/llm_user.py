@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from imagine.simulated.base import UserTurn
+from imagine.conversation import UserTurn
 from imagine.task import TaskSpec
 from storage.rewards import is_success
 

@@ -293,7 +293,7 @@ def _train(
 
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     interrupted = False
-    probes = final_act_probes(task.name, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
+    probes = final_act_probes(task, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
     with progress_bar(progress and replicas.is_main) as bar:
         started = time.monotonic()
         # no gradients here, only products over many rows: bf16 wherever it is native (AMX: 2.4× measured for
@@ -467,7 +467,7 @@ def _policy_stage(
                 )
             )
             if probes:
-                point["fit_at_full_knowledge"] = probe_fit_rate(model, run.tokenizer, probes, run.task.name, run.bf16)
+                point["fit_at_full_knowledge"] = probe_fit_rate(model, run.tokenizer, probes, run.task, run.bf16)
             curve.append(point)
             logger.info("held out at step %d: %s", state["step"], format_terms(point))
             model.train()

@@ -1,7 +1,7 @@
 """A task metric logged during training: does the policy act correctly once it knows everything?
 
-For tasks with a scripted user (travel, teaching) a *probe* is a held-out state at which the data's agent had
-learned every hidden attribute from the user's answers (``ScriptedTask.known_from_history``). The policy's
+A *probe* is a held-out state at which the data's agent had learned every preference from the user's answers
+(``TaskWorld.known_from_history`` of the task's compiled world). The policy's
 greedy reply there should be a final act that fits the persona — for travel, a recommendation consistent
 with everything the traveller already said. This is what imitation has to get right for the task to be
 solvable at all, measured without a simulator and without the evaluation personas.
@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from imagine.simulated import scripted_task, scripted_tasks
+from imagine.task import TaskSpec
+from imagine.world import TaskWorldError, world_for
 from learning.dataset import EncodedDialogue, end_of_turn_id, record_messages
 from learning.decoding import DecodeConfig, decode
 from storage import DialogueRecord
@@ -30,12 +31,15 @@ class ActProbe:
 
 
 def final_act_probes(
-    task_name: str, records: Sequence[DialogueRecord], items: Sequence[EncodedDialogue], *, limit: int
+    task_spec: TaskSpec, records: Sequence[DialogueRecord], items: Sequence[EncodedDialogue], *, limit: int
 ) -> list[ActProbe]:
-    """Up to ``limit`` probes from ``items`` (encoded from ``records``); none for tasks without a scripted user."""
-    if task_name not in scripted_tasks() or limit <= 0:
+    """Up to ``limit`` probes from ``items`` (encoded from ``records``); none when the task's world won't compile."""
+    if limit <= 0:
         return []
-    task = scripted_task(task_name)
+    try:
+        task = world_for(task_spec)
+    except TaskWorldError:
+        return []
     probes: list[ActProbe] = []
     for item in items:
         record = records[item.origin] if 0 <= item.origin < len(records) else None
@@ -43,7 +47,7 @@ def final_act_probes(
             continue
         messages = record_messages(record)
         for state, message_index in zip(item.turn_state, item.turn_message, strict=True):
-            if len(task.known_from_history(messages[:message_index])) == len(task.attributes):
+            if len(task.known_from_history(messages[:message_index])) == len(task.attribute_names):
                 probes.append(ActProbe(item.input_ids[: state + 1], dict(record.persona)))
                 break  # one probe per dialogue: more personas, not more turns of one
         if len(probes) >= limit:
@@ -52,12 +56,12 @@ def final_act_probes(
 
 
 def probe_fit_rate(
-    model: torch.nn.Module, tokenizer: Any, probes: Sequence[ActProbe], task_name: str, bf16: bool
+    model: torch.nn.Module, tokenizer: Any, probes: Sequence[ActProbe], task_spec: TaskSpec, bf16: bool
 ) -> float:
     """Share of probes at which the greedy reply is a final act that fits the persona."""
     if not probes:
         return 0.0
-    task = scripted_task(task_name)
+    task = world_for(task_spec)
     was_training = model.training
     model.eval()
     end_id = end_of_turn_id(tokenizer)
@@ -67,7 +71,7 @@ def probe_fit_rate(
         [probe.prompt for probe in probes],
         end_id=end_id,
         pad_id=pad_id,
-        config=DecodeConfig(max_new_tokens=40, temperature=0.0, bf16=bf16),
+        config=DecodeConfig(max_new_tokens=64, temperature=0.0, bf16=bf16),
     )
     model.train(was_training)
     fits = 0
