@@ -136,6 +136,15 @@ class FakeTelegramServer:
         self._round_robin = itertools.count()
         self._delivery_tasks: set[asyncio.Task[None]] = set()
         self._client: aiohttp.ClientSession | None = None
+        #: Every update ever injected, by id.
+        self.updates_by_id: dict[int, JSONDict] = {}
+        #: Webhook deliveries under way: update id → the replica it was posted to.
+        self.in_flight: dict[int, str] = {}
+        #: Calls waiting at a :meth:`hold` gate (method and parameters), in arrival order.
+        self.held: list[ApiCall] = []
+        self._holds: set[str] = set()
+        self._held_requests: dict[int, web.Request] = {}
+        self._released = asyncio.Event()
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -194,6 +203,23 @@ class FakeTelegramServer:
     ) -> None:
         """Answer the next ``times`` calls of ``method`` with an error (429 with ``retry_after`` for flood control)."""
         self._failures.append(_Failure(method, error_code, description, retry_after, times))
+
+    def hold(self, *methods: str) -> None:
+        """Keep calls of ``methods`` waiting (unanswered, unprocessed) until :meth:`release`."""
+        self._holds.update(methods)
+        self._released.clear()
+
+    def release(self) -> None:
+        """Let held calls through. One whose client went away meanwhile is dropped unprocessed, as Telegram drops a
+        request whose connection broke before it was read: its message was never sent."""
+        self._holds.clear()
+        self._released.set()
+
+    def held_connected(self, call: ApiCall) -> bool:
+        """Whether the bot that made a held call is still connected (a killed replica's connections close)."""
+        request = self._held_requests.get(id(call))
+        transport = request.transport if request is not None else None
+        return transport is not None and not transport.is_closing()
 
     # --- the user's side -------------------------------------------------------------------------------
 
@@ -260,6 +286,7 @@ class FakeTelegramServer:
         async with self._changed:
             update_id = next(self._update_ids)
             update = {"update_id": update_id, **payload}
+            self.updates_by_id[update_id] = update
             if self.webhook is not None:
                 self._unconfirmed[update_id] = update
                 task = asyncio.create_task(self._deliver(update), name=f"webhook-{update_id}")
@@ -283,6 +310,9 @@ class FakeTelegramServer:
                 raise RuntimeError("a webhook is set but no webhook_targets (replicas) are given")
             target = self.webhook_targets[next(self._round_robin) % len(self.webhook_targets)]
             status: int | None
+            async with self._changed:
+                self.in_flight[update["update_id"]] = target
+                self._changed.notify_all()
             try:
                 if self._client is None:
                     self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.webhook_timeout_s))
@@ -291,6 +321,7 @@ class FakeTelegramServer:
             except (aiohttp.ClientError, TimeoutError):
                 status = None
             async with self._changed:
+                self.in_flight.pop(update["update_id"], None)
                 self.deliveries.append(WebhookDelivery(update["update_id"], target, status))
                 if status == 200:
                     self._unconfirmed.pop(update["update_id"], None)
@@ -359,6 +390,11 @@ class FakeTelegramServer:
         if call is None:
             raise RuntimeError(f"server closed while waiting for {method}")
         return call
+
+    async def wait_until(self, predicate: Callable[[], bool], *, timeout: float = 60.0) -> None:
+        """Wait until ``predicate()`` holds (checked whenever a call, a message or a delivery changes something)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: predicate() or self._closing), timeout)
 
     async def wait_confirmed(self, *, timeout: float = 60.0) -> None:
         """Wait until every update injected so far is confirmed (``getUpdates`` offset or a webhook's 200)."""
@@ -433,6 +469,19 @@ class FakeTelegramServer:
         if request.match_info["token"] != self.token:
             return self._error(401, "Unauthorized")
         params = await self._read_params(request)
+        if method in self._holds:
+            call = ApiCall(method, params)
+            async with self._changed:
+                self.held.append(call)
+                self._held_requests[id(call)] = request
+                self._changed.notify_all()
+            await self._released.wait()
+            async with self._changed:
+                self.held.remove(call)
+                self._held_requests.pop(id(call), None)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return self._error(499, "client closed the connection")  # nobody reads this: the bot is gone
         await self._record(ApiCall(method, params))
         failure = self._take_failure(method)
         if failure is not None:
