@@ -11,6 +11,11 @@ Nothing here decides what to say. The adapter
 * acknowledges interactions within Discord's 3-second window: when the service has not answered after
   :data:`DEFER_AFTER_S`, the interaction is deferred ("thinking…") and answered with follow-ups.
 
+Sharding: with ``DISCORD_SHARD_COUNT`` (and ``DISCORD_SHARD_IDS`` per replica) the client is discord.py's
+``AutoShardedClient`` running just those shards, so each replica serves its shards' guilds (Discord routes a guild's
+events to shard ``(guild_id >> 22) % count``) and the replica with shard 0 also the DMs; only that replica syncs the
+slash commands, so they are registered once.
+
 Start it with :func:`run_discord`.
 """
 
@@ -33,6 +38,7 @@ from bot.events import FEEDBACK_TEMPLATE, ChatRef, CommandInfo, Reply, encode_fe
 from bot.inflight import InFlight
 from bot.settings import Settings
 from bot.text import split_text
+from bot.web.health import ADAPTERS
 
 if TYPE_CHECKING:
     from bot.service import DialogueService
@@ -244,11 +250,13 @@ def build_slash_command(info: CommandInfo, run: CommandRunner) -> app_commands.C
 class ReverieDiscordClient(discord.Client):
     """A discord.py client that serves one :class:`DialogueService`."""
 
-    def __init__(self, service: DialogueService, settings: Settings, *, defer_after_s: float = DEFER_AFTER_S) -> None:
+    def __init__(
+        self, service: DialogueService, settings: Settings, *, defer_after_s: float = DEFER_AFTER_S, **options: Any
+    ) -> None:
         intents = discord.Intents.default()
         intents.message_content = False  # privileged; DMs and mentions carry content without it
         # The model's text must never ping @everyone, roles or users.
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(), **options)
         self.service = service
         self.settings = settings
         self.defer_after_s = defer_after_s
@@ -264,6 +272,9 @@ class ReverieDiscordClient(discord.Client):
         """Listen for feedback buttons of any message and register the slash commands."""
         self.add_dynamic_items(FeedbackButton)
         where = f"guild {self.command_guild.id}" if self.command_guild else "all guilds (global, may take a while)"
+        if not syncs_commands(self.settings):
+            _log.info("Discord: slash commands are synced by the replica with shard 0, not this one")
+            return
         try:
             synced = await self.tree.sync(guild=self.command_guild)
         except discord.HTTPException as error:
@@ -290,7 +301,8 @@ class ReverieDiscordClient(discord.Client):
             )
 
     async def on_ready(self) -> None:
-        """Log who we are connected as."""
+        """Log who we are connected as; the process is ready for Discord (``/readyz``)."""
+        ADAPTERS.connected("discord")
         _log.info(
             "Discord: connected as %s (%s) in %d guild(s)", self.user, self.user and self.user.id, len(self.guilds)
         )
@@ -444,6 +456,31 @@ class ReverieDiscordClient(discord.Client):
             _log.error("Discord: could not report an error to interaction %s: %s", interaction.id, send_error.status)
 
 
+class ShardedReverieDiscordClient(ReverieDiscordClient, discord.AutoShardedClient):
+    """:class:`ReverieDiscordClient` on discord.py's ``AutoShardedClient``: one gateway session per shard."""
+
+
+def syncs_commands(settings: Settings) -> bool:
+    """Whether this replica registers the slash commands: unsharded, or running shard 0 (so it happens once)."""
+    return not settings.discord_shard_ids or 0 in settings.discord_shard_ids
+
+
+def make_client(
+    service: DialogueService, settings: Settings, *, defer_after_s: float = DEFER_AFTER_S
+) -> ReverieDiscordClient:
+    """The client for these settings: sharded when ``DISCORD_SHARD_COUNT`` is set (this replica's
+    ``DISCORD_SHARD_IDS``, or all shards), else one gateway session."""
+    if settings.discord_shard_count is None:
+        return ReverieDiscordClient(service, settings, defer_after_s=defer_after_s)
+    return ShardedReverieDiscordClient(
+        service,
+        settings,
+        defer_after_s=defer_after_s,
+        shard_count=settings.discord_shard_count,
+        shard_ids=list(settings.discord_shard_ids) or None,
+    )
+
+
 # --- entry point -----------------------------------------------------------------------------------
 
 
@@ -470,7 +507,7 @@ async def run_discord(
     token = settings.discord_token.get_secret_value()
     delay = retry_delay_s
     while not stop.is_set():
-        client = ReverieDiscordClient(service, settings, defer_after_s=defer_after_s)
+        client = make_client(service, settings, defer_after_s=defer_after_s)
         try:
             await _serve(client, token, stop, stop_grace_s)
             break
@@ -495,6 +532,15 @@ async def _serve(client: ReverieDiscordClient, token: str, stop: asyncio.Event, 
     """Run ``client`` until ``stop`` (then let handlers finish) or until it fails (then raise why)."""
     runner = asyncio.create_task(client.start(token), name="discord-client")
     stopper = asyncio.create_task(stop.wait(), name="discord-stop")
+    try:
+        await _run_until(client, runner, stopper, stop_grace_s)
+    finally:
+        ADAPTERS.disconnected("discord")
+
+
+async def _run_until(
+    client: ReverieDiscordClient, runner: asyncio.Task[None], stopper: asyncio.Task[bool], stop_grace_s: float
+) -> None:
     try:
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if runner.done():

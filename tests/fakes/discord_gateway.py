@@ -10,6 +10,11 @@ Like Discord it checks what it can see on the wire: the bot token on every REST 
 they were registered (bulk overwrite) where they are used and with options they declare, one callback per
 interaction, and message content blanked for bots without the message-content intent (except DMs and mentions).
 Every REST call is recorded in :attr:`FakeDiscord.calls` for assertions.
+
+Sharding: more guilds can be added (``extra_guild_ids``, each with one text channel, :meth:`FakeDiscord.channel_of`).
+A client that IDENTIFYs with ``shard: [id, count]`` gets only its shard's guilds (``(guild_id >> 22) % count``,
+Discord's formula) in READY and GUILD_CREATE, and only their events; DMs go to shard 0, as on Discord. Several
+clients (replicas) may be connected at once; each session's shard is kept in :attr:`FakeDiscord.shards`.
 """
 
 from __future__ import annotations
@@ -126,11 +131,18 @@ class FakeDiscord:
         application_id: int = 1_100_000_000_000_001,
         guild_id: int = 1_200_000_000_000_001,
         channel_id: int = 1_300_000_000_000_001,
+        extra_guild_ids: tuple[int, ...] = (),
     ) -> None:
         self.token = token
         self.application_id = application_id
         self.guild_id = guild_id
         self.channel_id = channel_id
+        #: Every guild the bot is in, the first one being ``guild_id``; each has one text channel.
+        self.guild_ids: list[int] = [guild_id, *extra_guild_ids]
+        self._channels: dict[int, int] = {g: channel_id + index for index, g in enumerate(self.guild_ids)}
+        #: ``[shard_id, shard_count]`` of each identified session (``None``: unsharded), in identify order.
+        self.shards: list[list[int] | None] = []
+        self._socket_shards: dict[web.WebSocketResponse, list[int] | None] = {}
         self.bot_user = FakeUser(application_id, "reverie", bot=True)
         self.calls: list[RestCall] = []
         self.unknown_calls: list[RestCall] = []
@@ -261,6 +273,19 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", delivered)
         return message
 
+    def channel_of(self, guild_id: int) -> int:
+        """The text channel of a guild."""
+        return self._channels[guild_id]
+
+    def guild_of(self, channel_id: int) -> int | None:
+        """The guild a channel belongs to (``None``: a DM channel)."""
+        return next((g for g, c in self._channels.items() if c == channel_id), None)
+
+    @staticmethod
+    def shard_of(guild_id: int | None, shard_count: int) -> int:
+        """The shard that receives a guild's events (Discord's formula); DMs go to shard 0."""
+        return 0 if guild_id is None else (guild_id >> 22) % shard_count
+
     def dm_channel_id(self, user: FakeUser) -> int:
         """The id of the DM channel between ``user`` and the bot (stable per user)."""
         return 1_400_000_000_000_000 + user.id % 1_000_000
@@ -360,10 +385,14 @@ class FakeDiscord:
         return bool(self.identify and int(self.identify.get("intents", 0)) & bit)
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a DISPATCH (op 0) event to every connected client."""
+        """Send a DISPATCH (op 0) event to every connected client whose shard receives it (all when unsharded)."""
         await self._identified.wait()
         frame = {"op": 0, "t": event, "s": next(self._sequence), "d": data}
+        guild = int(data["guild_id"]) if data.get("guild_id") else None
         for socket in list(self._sockets):
+            shard = self._socket_shards.get(socket)
+            if shard is not None and self.shard_of(guild, shard[1]) != shard[0]:
+                continue
             await socket.send_str(json.dumps(frame))
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
@@ -382,6 +411,7 @@ class FakeDiscord:
                     await self._on_identify(socket, message["d"])
         finally:
             self._sockets.discard(socket)
+            self._socket_shards.pop(socket, None)
         return socket
 
     async def _on_identify(self, socket: web.WebSocketResponse, data: dict[str, Any]) -> None:
@@ -389,27 +419,37 @@ class FakeDiscord:
             await socket.close(code=4004, message=b"Authentication failed.")
             return
         self.identify = data
+        shard = data.get("shard")
+        shard = [int(shard[0]), int(shard[1])] if shard else None
+        guilds = [g for g in self.guild_ids if shard is None or self.shard_of(g, shard[1]) == shard[0]]
         ready = {
             "v": 10,
             "user": self.bot_user.payload(),
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
             "session_id": "fake-session",
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": 0},
         }
+        if shard is not None:
+            ready["shard"] = shard
         await socket.send_json({"op": 0, "t": "READY", "s": next(self._sequence), "d": ready})
-        await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": self._guild_payload()})
+        for guild in guilds:
+            payload = self._guild_payload(guild)
+            await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._sequence), "d": payload})
+        self._socket_shards[socket] = shard
+        self.shards.append(shard)
         self.sessions += 1
         self._identified.set()
         await self._notify()
 
     # --- payloads ----------------------------------------------------------------------------------
 
-    def _channel_payload(self) -> dict[str, Any]:
+    def _channel_payload(self, guild_id: int | None = None) -> dict[str, Any]:
+        guild_id = guild_id or self.guild_id
         return {
-            "id": str(self.channel_id),
+            "id": str(self.channel_of(guild_id)),
             "type": 0,
-            "guild_id": str(self.guild_id),
+            "guild_id": str(guild_id),
             "name": "general",
             "position": 0,
             "permission_overwrites": [],
@@ -431,9 +471,10 @@ class FakeDiscord:
             "permissions": "2248473465835073",
         }
 
-    def _guild_payload(self) -> dict[str, Any]:
+    def _guild_payload(self, guild_id: int | None = None) -> dict[str, Any]:
+        guild_id = guild_id or self.guild_id
         return {
-            "id": str(self.guild_id),
+            "id": str(guild_id),
             "name": "Fake guild",
             "icon": None,
             "owner_id": "1",
@@ -445,7 +486,7 @@ class FakeDiscord:
             "stickers": [],
             "roles": [
                 {
-                    "id": str(self.guild_id),
+                    "id": str(guild_id),
                     "name": "@everyone",
                     "permissions": "2248473465835073",
                     "position": 0,
@@ -456,7 +497,7 @@ class FakeDiscord:
                     "flags": 0,
                 }
             ],
-            "channels": [self._channel_payload()],
+            "channels": [self._channel_payload(guild_id)],
             "members": [self._member_payload(self.bot_user)],
             "voice_states": [],
             "presences": [],
@@ -496,7 +537,7 @@ class FakeDiscord:
             "flags": int(body.get("flags") or 0),
         }
         if guild:
-            message["guild_id"] = str(self.guild_id)
+            message["guild_id"] = str(self.guild_of(channel_id) or self.guild_id)
             message["member"] = {k: v for k, v in self._member_payload(author).items() if k != "user"}
         return message
 
@@ -602,7 +643,7 @@ class FakeDiscord:
 
     async def _create_message(self, call: RestCall, channel_id: str) -> web.Response:
         body = call.body or {}
-        message = self._bot_message(int(channel_id), body, guild=int(channel_id) == self.channel_id)
+        message = self._bot_message(int(channel_id), body, guild=self.guild_of(int(channel_id)) is not None)
         self.channel_messages.setdefault(int(channel_id), []).append(message)
         return self._json(message)
 
