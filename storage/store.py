@@ -94,6 +94,16 @@ def _update_turn_key(role: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    """A conversation with what an operator looks at first: how long, and how it was received."""
+
+    conversation: Conversation
+    turns: int
+    thumbs_up: int
+    thumbs_down: int
+
+
+@dataclass(frozen=True, slots=True)
 class TurnRecord:
     """One turn of a dialogue as the learning code sees it."""
 
@@ -760,6 +770,68 @@ class Store:
         async with self.database.session() as session:
             rows = await session.exec(select(PolicyVersion).order_by(col(PolicyVersion.id).desc()).limit(limit))
             return list(rows.all())
+
+    async def list_training_runs(self, limit: int = 20) -> list[TrainingRun]:
+        """Improvement runs, newest first."""
+        async with self.database.session() as session:
+            rows = await session.exec(select(TrainingRun).order_by(col(TrainingRun.id).desc()).limit(limit))
+            return list(rows.all())
+
+    async def recent_conversations(self, limit: int = 20) -> list[ConversationSummary]:
+        """The newest real conversations with their turn count and 👍/👎 counts, newest first."""
+        async with self.database.session() as session:
+            conversations = (
+                await session.exec(
+                    select(Conversation)
+                    .where(Conversation.source == Source.REAL)
+                    .order_by(col(Conversation.id).desc())
+                    .limit(limit)
+                )
+            ).all()
+            ids = [c.id for c in conversations]
+            turns = dict(
+                (
+                    await session.exec(
+                        select(Turn.conversation_id, func.count())
+                        .where(col(Turn.conversation_id).in_(ids))
+                        .group_by(Turn.conversation_id)
+                    )
+                ).all()
+            )
+            thumbs = (
+                await session.exec(
+                    select(Feedback.conversation_id, Feedback.value).where(
+                        col(Feedback.conversation_id).in_(ids), Feedback.kind == FeedbackKind.THUMBS
+                    )
+                )
+            ).all()
+        up: dict[int, int] = {}
+        down: dict[int, int] = {}
+        for conversation_id, value in thumbs:
+            counter = up if (value or 0) > 0 else down
+            counter[conversation_id] = counter.get(conversation_id, 0) + 1
+        return [
+            ConversationSummary(c, turns.get(c.id, 0), up.get(c.id or 0, 0), down.get(c.id or 0, 0))
+            for c in conversations
+        ]
+
+    async def daily_rewards(self, days: int = 30) -> list[tuple[str, float, int]]:
+        """``(day, mean reward, conversations)`` of real conversations that ended with a reward, per UTC day,
+        oldest first, over the last ``days`` days that have any."""
+        async with self.database.session() as session:
+            rows = (
+                await session.exec(
+                    select(Conversation.ended_at, Conversation.reward).where(
+                        Conversation.source == Source.REAL,
+                        col(Conversation.reward).is_not(None),
+                        col(Conversation.ended_at).is_not(None),
+                    )
+                )
+            ).all()
+        per_day: dict[str, list[float]] = {}
+        for ended_at, reward in rows:
+            per_day.setdefault(ended_at.date().isoformat(), []).append(float(reward))
+        return [(day, sum(values) / len(values), len(values)) for day, values in sorted(per_day.items())][-days:]
 
     async def rollback_target(self) -> PolicyVersion | None:
         """Where ``/rollback`` goes: the top of :meth:`rollback_stack`, or ``None`` (the base model)."""

@@ -1,0 +1,65 @@
+"""The operator page over real HTTP (httpx → uvicorn): what it shows, and that its actions need the admin token."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+
+from bot.server import http_server
+from storage import PolicyStatus, Store
+from tests.operator_fixtures import ADMIN_TOKEN, runtime_with_history
+
+
+async def test_the_page_shows_versions_runs_the_curve_and_conversations(sqlite_store: Store, tmp_path: Path) -> None:
+    runtime = await runtime_with_history(sqlite_store, tmp_path)
+    async with (
+        http_server(runtime, asyncio.Event()),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.settings.http_port}") as client,
+    ):
+        page = await client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert 'name="viewport"' in text  # usable on a phone
+    assert "v3</td><td>active (serving here)" in text
+    assert 'value="activate:1"' in text and 'value="activate:3"' not in text  # the serving one has no button
+    assert "+5.0 pts [-1.0, +11.0]" in text  # the gate's paired difference and interval
+    assert text.count("<svg") == 2 and text.count("<circle") == 3 + 1  # 3 versions; rewards all on one day
+    assert "not better" in text and "train 640 s" in text
+    assert "1 👍 / 0 👎" in text and "0 👍 / 1 👎" in text and "+1.00" in text
+    assert ADMIN_TOKEN not in text
+
+
+async def test_actions_need_the_admin_token(sqlite_store: Store, tmp_path: Path) -> None:
+    runtime = await runtime_with_history(sqlite_store, tmp_path)
+    async with (
+        http_server(runtime, asyncio.Event()),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.settings.http_port}") as client,
+    ):
+        for token in ("", "wrong", ADMIN_TOKEN[:-1]):
+            refused = await client.post("/actions", data={"token": token, "action": "rollback"})
+            assert refused.status_code == 403 and "Refused" in refused.text
+        assert runtime.policies.version_id == 3
+
+        rolled = await client.post("/actions", data={"token": ADMIN_TOKEN, "action": "rollback"})
+        assert rolled.status_code == 200, rolled.text
+        assert runtime.policies.version_id == 2
+        assert (await sqlite_store.active_policy_version()).id == 2  # type: ignore[union-attr]
+
+        activated = await client.post("/actions", data={"token": ADMIN_TOKEN, "action": "activate:1"})
+        assert "Version 1 is active now." in activated.text
+        assert runtime.policies.version_id == 1
+        assert (await sqlite_store.get_policy_version(2)).status == PolicyStatus.RETIRED  # type: ignore[union-attr]
+
+
+async def test_without_an_admin_token_configured_the_page_is_read_only(sqlite_store: Store, tmp_path: Path) -> None:
+    runtime = await runtime_with_history(sqlite_store, tmp_path, admin_token=None)
+    async with (
+        http_server(runtime, asyncio.Event()),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.settings.http_port}") as client,
+    ):
+        assert "Read-only" in (await client.get("/")).text
+        refused = await client.post("/actions", data={"token": "", "action": "activate:1"})
+        assert refused.status_code == 403 and "ADMIN_TOKEN is not set" in refused.text
+    assert runtime.policies.version_id == 3
