@@ -29,6 +29,7 @@ from bot.events import (
 from bot.forgetting import purge_forgotten
 from bot.inflight import InFlight
 from bot.policy_holder import PolicyHolder
+from bot.reply_guard import ReplyGuard
 from bot.sessions import Session, SessionKey, history_window
 from bot.settings import Settings
 from bot.text import sanitize
@@ -78,6 +79,8 @@ class DialogueService:
         self.store = store
         self.policies = policies
         self.task = task
+        #: The last look at every reply: no degenerate text, no question the user already answered.
+        self.guard = ReplyGuard(task)
         self.settings = settings
         self.improver = improver
         self.clock = clock
@@ -246,6 +249,10 @@ class DialogueService:
             latency_ms = (time.perf_counter() - started) * 1000
             if not answer:
                 return [self._notice(chat, POLICY_APOLOGY, error=True, private=False)]
+            review = self.guard.review(session.history, answer)
+            if review.replaced is not None:
+                logger.info("reply of %s for %s replaced: %s", policy.name, chat.user_key, review.replaced)
+                answer = review.text
             turn = await self.store.append_turn(
                 session.conversation_id, Role.AGENT, answer, policy_version_id=policy.version_id, latency_ms=latency_ms
             )

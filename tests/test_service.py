@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -17,12 +18,22 @@ from bot.service import POLICY_APOLOGY, DialogueService
 from bot.settings import Settings
 from bot.text import sanitize
 from imagine.task import load_task
+from imagine.world import world_for
 from learning.interface import History, Policy
 from storage import ConversationStatus, Feedback, Store
 from storage.database import Database
 
 TASK = load_task("travel")
 ALICE = ChatRef(platform="telegram", chat_id="100", user_id="1", user_name="alice")
+#: A long reply of varied sentences (every phrasing the shipped worlds give their users): longer than a Telegram
+#: message, and not a loop, so the reply guard lets it through.
+LONG_ANSWER = " ".join(
+    say
+    for task in ("travel", "teaching", str(Path(__file__).resolve().parents[1] / "examples" / "houseplants.toml"))
+    for attribute in world_for(task).preferences
+    for value in attribute.values
+    for say in value.says
+)
 BOB = ChatRef(platform="telegram", chat_id="200", user_id="2", user_name="bob")
 ADMIN = ChatRef(platform="discord", chat_id="300", user_id="99", user_name="root")
 
@@ -53,7 +64,7 @@ class ScriptedPolicy:
 
     def _answer(self, history: History) -> str:
         if "LONG" in history[-1].text:
-            return "This is a sentence that goes on. " * 200
+            return LONG_ANSWER
         if "CONTROL" in history[-1].text:
             return "\x00\x07   "
         return f"{self.name} heard: {history[-1].text}"
@@ -282,7 +293,7 @@ async def test_policy_failure_apologises_logs_the_turn_and_recovers(store: Store
 
 async def test_long_replies_come_whole_and_each_adapter_splits_them_to_its_limit(sqlite_store: Store) -> None:
     service = make_service(sqlite_store)
-    whole = ("This is a sentence that goes on. " * 200).strip()
+    whole = LONG_ANSWER
     for chat in (ALICE, ChatRef(platform="discord", chat_id="1", user_id="7")):
         reply = (await service.handle_message(chat, "LONG answer please"))[-1]
         assert reply.text == whole  # the service is neutral: presentation is the adapter's

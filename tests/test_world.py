@@ -43,7 +43,11 @@ agent_goal = "Find out how the customer rides, then recommend one bike."
 user_role = "a customer who wants a bike"
 success = "The bike fits how they ride."
 failure = "It does not."
-persona_hints = ["terrain (city streets, mountain trails, gravel roads)", "frame size (small, medium, large)", "budget (low, high)"]
+persona_hints = [
+  "terrain (city streets, mountain trails, gravel roads)",
+  "frame size (small, medium, large)",
+  "budget (low, high)",
+]
 critique_criteria = ["The customer answers when asked."]
 opening_line = "Hi! Looking for a bike?"
 max_turns = 7
@@ -124,7 +128,10 @@ def test_teaching_corrects_exactly_the_students_misconception() -> None:
         "misconception": "none",
         "patience": "short attention",
     }
-    good = "Technically: cloning copies an expert, RL learns from rewards. Formally, a supervised loss versus expected return."
+    good = (
+        "Technically: cloning copies an expert, RL learns from rewards. "
+        "Formally, a supervised loss versus expected return."
+    )
     assert world.act_fits(student, world.final_act(good))
     wrong = good + " RL does need data."
     assert not world.act_fits(student, world.final_act(wrong))
@@ -161,9 +168,10 @@ def test_users_volunteer_answer_vaguely_and_insist_on_side_questions() -> None:
         answer = user.respond("What's your budget?").text
         vague += "budget" in answer and "tight" not in answer.lower() and not world.read_answers(answer).get("budget")
         if "By the way" in answer:
-            insisted += "didn't answer" in user.respond("What pace suits you?").text or "Wait" in user.respond(
-                "Who's coming along?"
-            ).text
+            insisted += (
+                "didn't answer" in user.respond("What pace suits you?").text
+                or "Wait" in user.respond("Who's coming along?").text
+            )
     assert 40 <= volunteered <= 160 and 5 <= vague <= 60 and insisted > 0
 
 

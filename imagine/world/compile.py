@@ -56,7 +56,7 @@ def _compile_value(dimension: str, value: str, detail: ValueSpec | None) -> Worl
     return WorldValue(
         value=value,
         says=says,
-        words=phrase_pattern(words),
+        words=phrase_pattern(words, prefix=True),
         fits=fits,
         fit_pattern=phrase_pattern(fits),
         clash_pattern=phrase_pattern(detail.clashes if detail else ()),

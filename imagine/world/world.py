@@ -31,7 +31,8 @@ ANY = "no preference"
 
 #: Recognises a reply that leaves a dimension to the agent, whichever dimension the question was about.
 _FLEXIBLE_WORDS = re.compile(
-    r"\b(?:no preference|you pick|you choose|your call|don't mind|do not mind|doesn't matter|up to you)\b", re.IGNORECASE
+    r"\b(?:no preference|you pick|you choose|your call|don't mind|do not mind|doesn't matter|up to you)\b",
+    re.IGNORECASE,
 )
 
 #: Value spaces up to this size are enumerated to pick held-out combinations exactly.
@@ -40,12 +41,16 @@ _ENUMERABLE = 200_000
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
-def phrase_pattern(phrases_: Sequence[str]) -> re.Pattern[str] | None:
-    """A case-insensitive pattern matching any of ``phrases_`` (literal text) at word boundaries; ``None`` for none."""
+def phrase_pattern(phrases_: Sequence[str], *, prefix: bool = False) -> re.Pattern[str] | None:
+    """A case-insensitive pattern matching any of ``phrases_`` (literal text) as whole words, or with ``prefix`` at
+    word starts only ("kid" also finds "kids", "histor" "history"); ``None`` for no phrases."""
     cleaned = sorted({p.strip().lower() for p in phrases_ if p.strip()}, key=len, reverse=True)
     if not cleaned:
         return None
-    parts = [(r"\b" if p[0].isalnum() else "") + re.escape(p) + (r"\b" if p[-1].isalnum() else "") for p in cleaned]
+    parts = [
+        (r"\b" if p[0].isalnum() else "") + re.escape(p) + (r"\b" if p[-1].isalnum() and not prefix else "")
+        for p in cleaned
+    ]
     return re.compile("|".join(parts), re.IGNORECASE)
 
 
