@@ -7,8 +7,8 @@ for everyone; ``POST /actions`` (roll back, activate a version) needs ``ADMIN_TO
 compared in constant time, and is refused (403) without it or when no token is configured. The page works on a
 phone: one column, tables scroll sideways.
 
-An action changes the database and the policy this process serves; other replicas serve the new version from
-their next start (their policy holders are their own).
+An action changes the database and the policy this process serves; other replicas follow the database's active
+version as they follow a promotion (the improvement loop's ``sync_active``; checkpoints must be on a shared disk).
 """
 
 from __future__ import annotations
