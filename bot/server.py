@@ -122,6 +122,7 @@ async def open_runtime(settings: Settings, *, improver_hook: ImproverHook | None
         runtime = Runtime(settings, store, task, policies, service, load, metrics)
         if improver_hook is not None:
             service.improver = await stack.enter_async_context(improver_hook(runtime))
+            metrics.observe_improver(service.improver)
         # Registered last, so it runs first: turns finish before the improver and the policy go away.
         stack.push_async_callback(service.shutdown)
         logger.info("serving task %r with policy %s", task.name, policies.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import httpx
@@ -63,3 +64,27 @@ async def test_without_an_admin_token_configured_the_page_is_read_only(sqlite_st
         refused = await client.post("/actions", data={"token": "", "action": "activate:1"})
         assert refused.status_code == 403 and "ADMIN_TOKEN is not set" in refused.text
     assert runtime.policies.version_id == 3
+
+
+async def test_the_steps_of_a_run_are_timed_on_the_page_and_in_metrics(sqlite_store: Store, tmp_path: Path) -> None:
+    runtime = await runtime_with_history(sqlite_store, tmp_path)
+    assert runtime.metrics is not None
+    loop = runtime.service.improver
+    seen: list[str] = []
+    loop.on_step = seen.append  # type: ignore[union-attr]
+    runtime.metrics.observe_improver(loop)
+    run = await sqlite_store.start_training_run(trigger="manual")
+    for step in ("imagine", "select", "train"):
+        loop.on_step(step)  # type: ignore[union-attr]
+    assert seen == ["imagine", "select", "train"]  # the loop's own observer still hears every step
+    async with (
+        http_server(runtime, asyncio.Event()),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{runtime.settings.http_port}") as client,
+    ):
+        page = (await client.get("/")).text
+        metrics = (await client.get("/metrics")).text
+    row = next(line for line in page.split("<tr>") if line.startswith(f"<td>#{run.id}</td>"))
+    assert re.search(r"imagine \d+ s, select \d+ s, train …", row)  # train still running: no end yet
+    assert 'reverie_improvement_step_seconds{step="imagine"}' in metrics
+    assert 'reverie_improvement_step_seconds{step="select"}' in metrics
+    assert 'step="train"' not in metrics

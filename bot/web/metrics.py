@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,6 +21,7 @@ from sqlmodel import select
 
 from bot.events import ChatRef, Reply
 from bot.service import DialogueService
+from storage import utcnow
 
 if TYPE_CHECKING:
     from bot.policy_holder import PolicyHolder
@@ -28,6 +31,54 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 #: Improvement-run outcomes always exported (0 until one happens), so dashboards see every series.
 RUN_OUTCOMES = ("running", "succeeded", "rejected", "failed", "cancelled")
+
+
+@dataclass
+class RunSteps:
+    """When each step of one improvement run began (in this process)."""
+
+    steps: list[tuple[str, datetime]] = field(default_factory=list)
+
+    def durations(self, finished_at: datetime | None) -> list[tuple[str, float | None]]:
+        """``(step, seconds)``, each step lasting until the next began; the last until ``finished_at`` (None while
+        it runs)."""
+        ends: list[datetime | None] = [start for _, start in self.steps[1:]]
+        ends.append(finished_at)
+        return [
+            (name, None if end is None else max(0.0, (end - start).total_seconds()))
+            for (name, start), end in zip(self.steps, ends, strict=True)
+        ]
+
+
+class StepTimer:
+    """Times the steps of improvement runs: an observer for ``ImprovementLoop.on_step`` (imagine, select, train,
+    evaluate, gate), kept in memory for the last few runs; closed steps go to :attr:`BotMetrics.step_seconds`."""
+
+    #: The step every run begins with.
+    FIRST_STEP = "imagine"
+
+    def __init__(self, gauge: Gauge, keep: int = 10) -> None:
+        self._gauge = gauge
+        self._keep = keep
+        self.runs: list[RunSteps] = []
+
+    def __call__(self, step: str) -> None:
+        """Step ``step`` of the current run begins now (``imagine`` begins a new run)."""
+        now = utcnow()
+        if step == self.FIRST_STEP or not self.runs:
+            self.runs = [*self.runs[-(self._keep - 1) :], RunSteps()]
+        current = self.runs[-1]
+        if current.steps:
+            name, start = current.steps[-1]
+            self._gauge.labels(name).set((now - start).total_seconds())
+        current.steps.append((step, now))
+
+    def for_run(self, started_at: datetime | None) -> RunSteps | None:
+        """The steps of the run that started at ``started_at`` (the first timed run beginning after it)."""
+        if started_at is None:
+            return None
+        candidates = [run for run in self.runs if run.steps and run.steps[0][1] >= started_at]
+        return min(candidates, key=lambda run: run.steps[0][1], default=None)
 
 
 class BotMetrics:
@@ -66,6 +117,14 @@ class BotMetrics:
             registry=self.registry,
         )
         self.gate_difference.set(float("nan"))
+        self.step_seconds = Gauge(
+            "reverie_improvement_step_seconds",
+            "How long each step of the last improvement run this process ran took (imagine ... evaluate).",
+            ["step"],
+            registry=self.registry,
+        )
+        #: Step timings of improvement runs (attach with :meth:`observe_improver`).
+        self.steps = StepTimer(self.step_seconds)
         for outcome in RUN_OUTCOMES:
             self.runs.labels(outcome)
 
@@ -95,6 +154,18 @@ class BotMetrics:
             if difference is not None:
                 self.gate_difference.set(float(difference))
                 break
+
+    def observe_improver(self, improver: object) -> None:
+        """Time the steps of an improvement loop that reports them (``on_step``), keeping its own observer."""
+        previous = getattr(improver, "on_step", None)
+        if not callable(previous):
+            return
+
+        def on_step(step: str) -> None:
+            self.steps(step)
+            previous(step)
+
+        improver.on_step = on_step  # type: ignore[attr-defined]
 
     def exposition(self) -> bytes:
         """The registry in Prometheus text format."""

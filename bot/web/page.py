@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from bot import redaction
+from bot.web.metrics import StepTimer
 from storage import PolicyStatus, PolicyVersion, TrainingRun
 
 if TYPE_CHECKING:
@@ -208,15 +209,26 @@ def _versions_table(versions: Sequence[PolicyVersion], serving: int | None) -> s
     return f'<div class="scroll"><table id="versions">{head}{body}</table></div>'
 
 
-def _runs_table(runs: Sequence[TrainingRun]) -> str:
+def _timings(run: TrainingRun, steps: StepTimer | None) -> str:
+    """Step timings of a run timed by this process, else the durations its record keeps (``*_s`` metrics)."""
+    timed = steps.for_run(run.started_at) if steps is not None else None
+    if timed is not None:
+        return ", ".join(
+            f"{name} {'…' if seconds is None else f'{seconds:.0f} s'}"
+            for name, seconds in timed.durations(run.finished_at)
+        )
+    return ", ".join(
+        f"{key.removesuffix('_s')} {float(value):.0f} s"
+        for key, value in (run.metrics or {}).items()
+        if key.endswith("_s") and isinstance(value, int | float)
+    )
+
+
+def _runs_table(runs: Sequence[TrainingRun], steps: StepTimer | None = None) -> str:
     rows = []
     for run in runs:
         metrics = run.metrics or {}
-        timings = ", ".join(
-            f"{key.removesuffix('_s')} {float(value):.0f} s"
-            for key, value in metrics.items()
-            if key.endswith("_s") and isinstance(value, int | float)
-        )
+        timings = _timings(run, steps)
         outcome_class = {"succeeded": "ok", "failed": "bad"}.get(run.status, "")
         detail = metrics.get("decision") or run.error or ""
         rows.append(
@@ -286,7 +298,7 @@ async def render_page(runtime: Runtime, *, notice: str | None = None, failed: bo
 <button name="action" value="rollback" id="rollback">Roll back to the previous version</button>
 </form>
 <h2>Improvement runs</h2>
-{_runs_table(runs)}
+{_runs_table(runs, runtime.metrics.steps if runtime.metrics is not None else None)}
 <h2>Recent conversations</h2>
 <div class="scroll"><table id="conversations"><tr><th>Conversation</th><th>Platform</th><th>Started</th>
 <th>Status</th><th>Turns</th><th>Reward</th><th>Feedback</th></tr>{conversation_rows}</table></div>
