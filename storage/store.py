@@ -261,6 +261,7 @@ class Store:
             key=idempotency_key or _update_turn_key(role) or new_idempotency_key(),
         )
 
+    @retry_transient()
     async def update_reply(self, update_key: str) -> Turn | None:
         """The stored reply to a platform update (:func:`handling_update`), if it was handled before."""
         async with self.database.session() as session:
