@@ -88,13 +88,14 @@ class CycleResult:
 
 
 async def _user_conversation(
-    server: Any, task_name: str, persona: dict[str, Any], user_id: int, seed: tuple[Any, ...], max_turns: int
+    server: Any, task: Any, persona: dict[str, Any], user_id: int, seed: tuple[Any, ...], max_turns: int
 ) -> bool:
-    """One simulated user's whole conversation through the Bot API; returns whether it succeeded."""
-    from imagine.simulated import scripted_task
+    """One simulated user's whole conversation through the Bot API; returns whether it succeeded. Users speak the
+    world's held-out phrasings: they stand for people whose words the policy never trained on."""
+    from imagine.world import world_for
 
-    scripted = scripted_task(task_name)
-    user = scripted.make_user(persona, seed=seed, max_turns=max_turns)
+    scripted = world_for(task)
+    user = scripted.make_user(persona, seed=seed, max_turns=max_turns, phrasings="heldout")
     rng = random.Random(repr(seed))
     await server.send_command(user_id, user_id, "start")
     agent = await server.next_message(user_id, timeout=REPLY_TIMEOUT_S)
@@ -141,13 +142,13 @@ async def run_arm(
     from bot.improve import ImprovementLoop, make_improvement_hook
     from bot.server import open_runtime
     from bot.settings import Settings
-    from imagine.simulated import scripted_task
     from imagine.task import load_task
+    from imagine.world import world_for
     from learning.evaluation import evaluate_async
     from tests.fakes.telegram_api import FakeTelegramServer
 
     task = load_task(args.task)
-    scripted_task(args.task)  # fails early for a task without scripted users
+    world_for(task)  # fails early, with the reason, for a task whose world does not compile
     results: list[CycleResult] = []
     keep = args.keep_data / label if args.keep_data else None
     if keep is not None:
@@ -207,12 +208,13 @@ async def _cycle(
     on_measured: Callable[[CycleResult], None],
 ) -> CycleResult:
     """One cycle: the users' conversations, the held-out evaluation (``on_measured`` hears them before the
-    improvement run starts, so a run stopped during it keeps them), then one improvement run."""
-    from imagine.simulated import scripted_task
+    improvement run starts, so a run stopped during it keeps them), then one improvement run. Users are personas of
+    value combinations never trained on."""
+    from imagine.world import world_for
 
     started = time.perf_counter()
     steps: dict[str, float] = {}
-    personas = scripted_task(args.task).sample_personas(args.users, USERS_SEED_BASE + cycle)
+    personas = world_for(task).sample_personas(args.users, USERS_SEED_BASE + cycle, split="heldout")
     ids = [USER_ID_BASE + 1000 * cycle + i for i in range(args.users)]
     clock = time.perf_counter()
     semaphore = asyncio.Semaphore(args.concurrency)
@@ -220,7 +222,7 @@ async def _cycle(
     async def one(index: int) -> bool:
         async with semaphore:
             seed = ("closed-loop", label, cycle, index)
-            return await _user_conversation(server, args.task, personas[index], ids[index], seed, task.max_turns)
+            return await _user_conversation(server, task, personas[index], ids[index], seed, task.max_turns)
 
     outcomes = await asyncio.gather(*(one(i) for i in range(args.users)))
     steps["users"] = (time.perf_counter() - clock) / 60
@@ -399,7 +401,7 @@ def markdown(summary: dict[str, Any], command: str, load: float) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``--quick`` is the tiny model with small counts."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="travel", choices=["travel", "teaching"])
+    parser.add_argument("--task", default="travel", help="a built-in task's name or the path of a task TOML")
     parser.add_argument("--cycles", type=int, default=4, help="Cycles, the first one on the prompted base model.")
     parser.add_argument("--users", type=int, default=24, help="Simulated users per cycle.")
     parser.add_argument("--concurrency", type=int, default=8, help="Users chatting at once.")
@@ -433,6 +435,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.base_model, args.cycles, args.users, args.eval_episodes = "tiny", 2, 6, 8
         args.overrides = dict(QUICK)
+    from imagine.task import load_task
+
+    args.task_name = load_task(args.task).name  # files and headings use the task's name, whatever --task was
     if args.ablation_only and not summary_path(args).is_file():
         parser.error(f"--ablation-only adds to {summary_path(args)}, which does not exist: run the main arm first")
     return args
@@ -440,7 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def summary_path(args: argparse.Namespace) -> Path:
     """Where the JSON summary goes (``-quick`` for the plumbing check)."""
-    return args.out_dir / f"closed_loop-{args.task}{'-quick' if args.quick else ''}.json"
+    return args.out_dir / f"closed_loop-{args.task_name}{'-quick' if args.quick else ''}.json"
 
 
 def save(summary: dict[str, Any], args: argparse.Namespace) -> Path:
@@ -448,14 +453,15 @@ def save(summary: dict[str, Any], args: argparse.Namespace) -> Path:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = summary_path(args)
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    plot(summary, path.with_suffix(".png"), args.task)
+    plot(summary, path.with_suffix(".png"), args.task_name)
     return path
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     """Both arms; the summary JSON's content, saved after every cycle (``"complete": false`` until the end)."""
     summary: dict[str, Any] = {
-        "task": args.task,
+        "task": args.task_name,
+        "task_file": args.task,
         "base_model": args.base_model,
         "users_per_cycle": args.users,
         "eval_episodes": args.eval_episodes,
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_from is not None:
         summary = json.loads(args.write_from.read_text(encoding="utf-8"))
-        command = reproduce_command(__file__, ["--task", summary["task"]])
+        command = reproduce_command(__file__, ["--task", summary.get("task_file", summary["task"])])
         write_section(SECTION.format(task=summary["task"]), markdown(summary, command, os.getloadavg()[0]))
         return 0
     logging.basicConfig(level=logging.WARNING)
@@ -500,11 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = save(summary, args)
     if not (args.quick or args.no_write):
         block = markdown(summary, reproduce_command(__file__), os.getloadavg()[0])
-        write_section(SECTION.format(task=args.task), block)
-    console.print(table([CycleResult(**c) for c in summary["cycles"]], f"closed loop: {args.task}"))
+        write_section(SECTION.format(task=args.task_name), block)
+    console.print(table([CycleResult(**c) for c in summary["cycles"]], f"closed loop: {args.task_name}"))
     if summary["ablation_no_real"]:
         ablation = [CycleResult(**c) for c in summary["ablation_no_real"]["cycles"]]
-        console.print(table(ablation, f"closed loop: {args.task}, no real conversations"))
+        console.print(table(ablation, f"closed loop: {args.task_name}, no real conversations"))
     console.print(f"summary: {json_path}")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from bot.commands import chat, db, dialogues, evaluate, generate, imagine, improve, policies, serve, train
+from bot.commands import chat, db, dialogues, evaluate, generate, imagine, improve, policies, serve, train, world
 
 app = typer.Typer(
     name="reverie",
@@ -13,7 +13,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold secrets
 )
 
-for module in (serve, chat, train, generate, imagine, dialogues, evaluate, improve, policies, db):
+for module in (serve, chat, train, generate, imagine, world, dialogues, evaluate, improve, policies, db):
     module.register(app)
 
 

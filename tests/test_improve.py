@@ -515,3 +515,33 @@ def test_cli_rollback_three_times_does_not_toggle(tmp_path: Path) -> None:
     said = [" ".join((result.stdout + result.stderr).split()) for result in outputs]
     assert f"Rolled back from version {v1} to the prompted base model" in said[0]
     assert all("Nothing to roll back" in output for output in said[1:]), said
+
+
+async def test_a_task_given_by_path_runs_a_whole_improvement_run(tmp_path: Path) -> None:
+    """A task of one's own, given as a TOML path outside the repository (not a built-in): the loop's children get
+    the file, imagine from its compiled world, train, evaluate on the world's held-out users and promote."""
+    import shutil
+
+    from bot.improve import make_improvement_hook
+    from bot.server import open_runtime
+
+    source = Path(__file__).resolve().parents[1] / "examples" / "houseplants.toml"
+    path = tmp_path / "tasks" / "plantshop.toml"
+    path.parent.mkdir()
+    shutil.copyfile(source, path)
+    path.write_text(path.read_text(encoding="utf-8").replace('name = "houseplants"', 'name = "plantshop"', 1))
+    settings = improve_settings(tmp_path / "data", task=str(path), imagine_backend="auto", improve_imagined=16)
+    async with open_runtime(settings, improver_hook=make_improvement_hook(sync_interval_s=3600)) as runtime:
+        loop = runtime.service.improver
+        assert isinstance(loop, ImprovementLoop) and runtime.task.name == "plantshop"
+        assert loop.imagination().backend == "scripted"  # its world, offline
+        run = await loop.run_once(trigger="test")
+        assert run.status == RunStatus.SUCCEEDED, run.error
+        assert (run.n_imagined, run.n_real) == (16, 0)
+        assert runtime.policies.version_id == run.candidate_version_id
+        imagined = await runtime.store.dialogues_for_training(sources=["imagined"], task="plantshop")
+        assert len(imagined) == 16 and all(d.persona and "light" in d.persona for d in imagined)
+        version = await runtime.store.get_policy_version(run.candidate_version_id)
+        assert version is not None and "success_rate" in version.metrics  # gated on the world's held-out users
+        replies = await runtime.service.handle_message(ChatRef("console", "c", "u"), "I have a cat")
+        assert replies[-1].turn_id is not None and replies[-1].text.strip()
