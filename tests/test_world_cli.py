@@ -24,12 +24,25 @@ DETAILS: dict[str, dict[str, Any]] = {
         "questions": ["Where do you mostly ride?", "What kind of ground will you ride on?"],
         "question_words": ["ride on", "mostly ride", "ground"],
         "values": [
-            {"value": "city streets", "says": ["Mostly commuting in town.", "City streets."], "words": ["town", "commut"],
-             "fits": ["a city commuter"], "clashes": ["knobbly tyres"]},
-            {"value": "mountain trails", "says": ["Trails in the hills.", "Off-road in the mountains."],
-             "words": ["trail", "off-road", "hills"], "fits": ["a full-suspension mountain bike"]},
-            {"value": "gravel roads", "says": ["Gravel paths, mostly.", "Dirt and gravel roads."],
-             "words": ["gravel", "dirt"], "fits": ["a gravel bike"]},
+            {
+                "value": "city streets",
+                "says": ["Mostly commuting in town.", "City streets."],
+                "words": ["town", "commut"],
+                "fits": ["a city commuter"],
+                "clashes": ["knobbly tyres"],
+            },
+            {
+                "value": "mountain trails",
+                "says": ["Trails in the hills.", "Off-road in the mountains."],
+                "words": ["trail", "off-road", "hills"],
+                "fits": ["a full-suspension mountain bike"],
+            },
+            {
+                "value": "gravel roads",
+                "says": ["Gravel paths, mostly.", "Dirt and gravel roads."],
+                "words": ["gravel", "dirt"],
+                "fits": ["a gravel bike"],
+            },
         ],
     },
     "frame size": {
@@ -37,15 +50,27 @@ DETAILS: dict[str, dict[str, Any]] = {
         "questions": ["How tall are you?", "What frame size do you ride?"],
         "question_words": ["tall", "frame"],
         "values": [
-            {"value": "small", "says": ["I'm quite short.", "Small, I think.", "Small, and I ride gravel."],
-             "words": ["short", "small"], "fits": ["in a small frame"]},
-            {"value": "medium", "says": ["Average height.", "Medium."], "words": ["average", "medium"],
-             "fits": ["in a medium frame"]},
-            {"value": "large", "says": ["I'm very tall.", "Large, please."], "words": ["very tall", "large"],
-             "fits": ["in a large frame"]},
+            {
+                "value": "small",
+                "says": ["I'm quite short.", "Small, I think.", "Small, and I ride gravel."],
+                "words": ["short", "small"],
+                "fits": ["in a small frame"],
+            },
+            {
+                "value": "medium",
+                "says": ["Average height.", "Medium."],
+                "words": ["average", "medium"],
+                "fits": ["in a medium frame"],
+            },
+            {
+                "value": "large",
+                "says": ["I'm very tall.", "Large, please."],
+                "words": ["very tall", "large"],
+                "fits": ["in a large frame"],
+            },
         ],
     },
-}  # fmt: skip
+}
 
 
 def responder(body: dict[str, Any]) -> str:
