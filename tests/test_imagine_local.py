@@ -65,15 +65,15 @@ async def test_loads_a_model_directory(tiny: tuple, tmp_path: Path) -> None:
 
 
 async def test_turn_by_turn_imagination_stores_alternating_dialogues(tiny: tuple, sqlite_store: Store) -> None:
-    task = load_task("travel").model_copy(update={"max_turns": 3})
+    task = load_task("travel").model_copy(update={"max_turns": 4})
     chat = LocalBackend(tiny, model_name="tiny", seed=1)
     config = ImagineConfig(critique=False, concurrency=2, seed=5, run_id="tiny", turn_max_tokens=4)
-    report = await ImaginationEngine(task, chat, store=sqlite_store, config=config).run(2)
+    report = await ImaginationEngine(task, chat, store=sqlite_store, config=config).run(4)
     await chat.aclose()
     assert report.accepted + sum(report.rejected.values()) == report.attempts
-    assert report.accepted == 2, report.rejected
+    assert report.accepted == 4, report.rejected
     stored = await sqlite_store.dialogues_for_training(sources=["imagined"], task="travel")
-    assert len(stored) == 2
+    assert len(stored) == 4
     for record in stored:
         roles = [t.role for t in record.turns]
         assert roles[0] == "agent" and roles[-1] == "user"
@@ -82,10 +82,12 @@ async def test_turn_by_turn_imagination_stores_alternating_dialogues(tiny: tuple
         assert sum(r == "agent" for r in roles) <= task.max_turns
         assert record.meta["mode"] == "turns" and record.meta["backend"] == "local" and record.meta["model"] == "tiny"
         assert record.persona is not None and record.persona["origin"] == "hints"
-    assert len({r.meta["persona_key"] for r in stored}) == 2
-    # A failing, short agent (reward 0) acts after at most one question; a successful one asks first.
-    lengths = {r.reward: sum(t.role == "agent" for t in r.turns) for r in stored}
-    assert all(n <= 3 for reward, n in lengths.items() if reward == 0.0)
+    assert len({r.meta["persona_key"] for r in stored}) == 4
+    # A failing agent (reward 0) acts after at most one question; a successful one asks two (all the room that
+    # max_turns 4 leaves besides the opening line and the act) before acting.
+    agent_turns = {(r.reward, sum(t.role == "agent" for t in r.turns)) for r in stored}
+    assert {reward for reward, _ in agent_turns} == {0.0, 1.0}
+    assert all(n == 4 if reward == 1.0 else n <= 3 for reward, n in agent_turns)
 
 
 class RoleplayChat:
