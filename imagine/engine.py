@@ -22,7 +22,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -248,9 +248,10 @@ class ImaginationEngine:
             if key in seen_fingerprints:
                 raise _Rejected("duplicate")
             seen_fingerprints.add(key)
+            judged = self._world_reward(persona, parsed.turns)
             dialogue = ImaginedDialogue(
                 turns=parsed.turns,
-                reward=float(reward),
+                reward=float(reward if judged is None else judged),
                 persona=persona,
                 meta={
                     "backend": self.backend.name,
@@ -264,6 +265,9 @@ class ImaginationEngine:
                     "fingerprint": key,
                     "persona_key": persona_key(persona),
                     "prompt_version": prompts.PROMPT_VERSION,
+                    # the reward the dialogue was written for, and who scored the one stored
+                    "intended_reward": reward,
+                    "judge": "world" if judged is not None else "outcome",
                 },
             )
             if self.store is not None:
@@ -289,6 +293,25 @@ class ImaginationEngine:
         except Exception as error:  # never let one dialogue take the batch down
             logger.exception("dialogue %d failed", index)
             return ImagineEvent(accepted=False, reason=f"error:{type(error).__name__}")
+
+    def _world_reward(self, persona: Persona, turns: Sequence[tuple[str, str]]) -> float | None:
+        """The reward the task's compiled world gives the dialogue's last final act (0 when the agent never acts),
+        so LLM-imagined dialogues are scored by the same judge as the world's own; ``None`` when the task has no
+        world or the persona does not name a value for every preference."""
+        from imagine.world import TaskWorldError, world_for
+
+        try:
+            world = world_for(self.task)
+        except TaskWorldError:
+            return None
+        attributes = persona.get("attributes") or {}
+        values = {a.name: attributes.get(a.name) for a in world.preferences}
+        if any(value not in world.attribute(name).value_names for name, value in values.items()):
+            return None
+        for role, text in reversed(turns):
+            if role == AGENT and (act := world.final_act(text)) is not None:
+                return 1.0 if world.act_fits(values, act) else 0.0
+        return 0.0
 
     async def _existing(self) -> tuple[set[int], set[str], set[str]]:
         """Indices, persona keys and fingerprints of this run's dialogues already stored (for resuming)."""

@@ -98,3 +98,22 @@ async def test_identical_dialogues_are_rejected_as_duplicates() -> None:
     async with FakeOpenAIServer(lambda body: dialogue) as server:
         report = await engine(server, None, critique=False, max_attempts_per_dialogue=2).run(3)
     assert report.accepted == 1 and report.rejected["duplicate"] == 5
+
+
+async def test_dialogues_of_world_personas_are_scored_by_the_worlds_judge(store: Store) -> None:
+    """Free-form LLM dialogues are mixed with the compiled world's: where the persona names a value for every
+    preference (here: personas sampled from the hints, the server's persona answers being junk), the world judges
+    the last act, whatever outcome the dialogue was written for."""
+
+    class HintPersonas(ImaginationResponder):
+        def _personas(self, prompt: str) -> str:
+            return "no personas today"
+
+    async with FakeOpenAIServer(HintPersonas()) as server:
+        report = await engine(server, store, run_id="judged").run(6)
+    assert report.accepted == 6
+    stored = await store.dialogues_for_training(sources=["imagined"], task="travel")
+    assert all(r.persona["origin"] == "hints" and r.meta["judge"] == "world" for r in stored)
+    assert {r.meta["intended_reward"] for r in stored} == {0, 1}
+    # "a guided walking tour" is nothing the world knows a traveller for: a misfit, even when written as a success
+    assert {r.reward for r in stored} == {0.0}

@@ -48,7 +48,9 @@ def final_act_probes(
         messages = record_messages(record)
         for state, message_index in zip(item.turn_state, item.turn_message, strict=True):
             if len(task.known_from_history(messages[:message_index])) == len(task.attribute_names):
-                probes.append(ActProbe(item.input_ids[: state + 1], dict(record.persona)))
+                # an LLM-imagined persona keeps its values under 'attributes'
+                persona = record.persona.get("attributes") or record.persona
+                probes.append(ActProbe(item.input_ids[: state + 1], dict(persona)))
                 break  # one probe per dialogue: more personas, not more turns of one
         if len(probes) >= limit:
             break
