@@ -269,6 +269,11 @@ async def http_server(runtime: Runtime, stop: asyncio.Event) -> AsyncIterator[No
     from bot.web.serving import run_http
 
     assert runtime.metrics is not None
+    from bot import redaction
+
+    for secret in (settings.admin_token, settings.telegram_webhook_secret):  # scrubbed from every log record
+        if secret is not None:
+            redaction.REDACTOR.add(secret.get_secret_value())
     counter = ErrorLogCounter(runtime.metrics)
     logging.getLogger().addHandler(counter)
     started = asyncio.Event()

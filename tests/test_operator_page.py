@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bot.server import http_server
 from storage import PolicyStatus, Store
@@ -52,6 +54,16 @@ async def test_actions_need_the_admin_token(sqlite_store: Store, tmp_path: Path)
         assert "Version 1 is active now." in activated.text
         assert runtime.policies.version_id == 1
         assert (await sqlite_store.get_policy_version(2)).status == PolicyStatus.RETIRED  # type: ignore[union-attr]
+
+
+async def test_the_admin_token_never_reaches_the_logs(
+    sqlite_store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = await runtime_with_history(sqlite_store, tmp_path)
+    async with http_server(runtime, asyncio.Event()):
+        logging.getLogger("bot.web").warning("a careless line with %s in it", ADMIN_TOKEN)
+    assert "a careless line" in caplog.text
+    assert ADMIN_TOKEN not in caplog.text
 
 
 async def test_without_an_admin_token_configured_the_page_is_read_only(sqlite_store: Store, tmp_path: Path) -> None:
