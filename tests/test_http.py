@@ -152,3 +152,46 @@ async def test_metrics_count_messages_latency_errors_runs_and_the_gate(sqlite_st
     assert values[("reverie_improvement_runs", (("outcome", "running"),))] == 1
     assert values[("reverie_improvement_runs", (("outcome", "succeeded"),))] == 0
     assert values[("reverie_last_gate_difference", ())] == -0.125
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"telegram_webhook_url": "https://bot.example.test/hook", "http_port": 8080}, "TELEGRAM_WEBHOOK_SECRET"),
+        (
+            {"telegram_webhook_url": "https://b.example.test/h", "telegram_webhook_secret": "ok-secret"},
+            "HTTP_PORT",
+        ),
+        (
+            {
+                "telegram_webhook_url": "https://b.example.test/h",
+                "telegram_webhook_secret": "no spaces",
+                "http_port": 1,
+            },
+            "A-Z",
+        ),
+        ({"discord_shard_ids": "0,1"}, "DISCORD_SHARD_COUNT"),
+        ({"discord_shard_ids": "2", "discord_shard_count": 2}, "0 .. DISCORD_SHARD_COUNT-1"),
+    ],
+)
+def test_deployment_settings_that_cannot_work_are_refused(values: dict[str, object], complaint: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=complaint):
+        Settings(_env_file=None, **values)
+
+
+def test_deployment_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "HTTP_PORT": "8080",
+        "TELEGRAM_WEBHOOK_URL": "https://bot.example.test/telegram/webhook",
+        "TELEGRAM_WEBHOOK_SECRET": "s3cret_-token",
+        "DISCORD_SHARD_COUNT": "4",
+        "DISCORD_SHARD_IDS": "1,3",
+        "ADMIN_TOKEN": "",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=None)
+    assert settings.http_port == 8080 and settings.discord_shard_ids == [1, 3] and settings.admin_token is None
+    assert "s3cret_-token" not in repr(settings)
+    assert settings.as_env()["DISCORD_SHARD_IDS"] == "1,3"
