@@ -111,3 +111,21 @@ def test_enrich_needs_a_server_and_check_names_what_to_fix(tmp_path: Path) -> No
     task.write_text(NAMES_ONLY.replace('"budget (low, high)"', '"budget"'), encoding="utf-8")
     broken = CliRunner().invoke(app, ["world", "check", "--task", str(task)], env=env)
     assert broken.exit_code == 2 and "'budget' lists no values" in broken.output
+
+
+def test_imagine_and_eval_take_a_task_given_by_path(tmp_path: Path) -> None:
+    task = tmp_path / "bikes.toml"
+    task.write_text(NAMES_ONLY, encoding="utf-8")
+    env = {"DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": "", "OPENAI_BASE_URL": "", "OPENAI_API_KEY": ""}
+    env |= {"IMAGINE_BACKEND": "auto", "LOG_LEVEL": "WARNING"}
+    imagined = CliRunner().invoke(app, ["imagine", "--task", str(task), "--n", "5", "--seed", "1"], env=env)
+    assert imagined.exit_code == 0, imagined.output
+    assert "imagining with scripted" in imagined.output and "'bikes' compiles into a" in imagined.output
+    args = ["eval", "--task", str(task), "--policy", "scripted:careful", "--policy", "scripted:eager"]
+    evaluated = CliRunner().invoke(
+        app, [*args, "--episodes", "8", "--no-store", "--out", str(tmp_path / "out")], env=env
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"] == "bikes" and report["split"] == "heldout"
+    assert {p["name"]: p["success_rate"] for p in report["policies"]}["scripted:careful"] == 1.0
