@@ -234,19 +234,19 @@ async def serve(
 ) -> None:
     """Serve every configured platform (or the terminal chat) until a signal, ``stop`` or end of input."""
     from bot.adapters.console import run_console
+    from bot.web.health import ADAPTERS
 
     stop = stop or asyncio.Event()
+    runners = configured_adapters(settings)
+    # Declared before the HTTP server starts: /readyz stays 503 until every adapter is connected.
+    ADAPTERS.expect(*runners)
     with stop_on_signals(stop):
         async with open_runtime(settings, improver_hook=improver_hook) as runtime, http_server(runtime, stop):
             sweeper = asyncio.create_task(expire_periodically(runtime.service, stop, EXPIRY_INTERVAL_S))
             try:
-                runners = configured_adapters(settings)
                 if not runners and (token_set(settings.telegram_token) or token_set(settings.discord_token)):
                     raise ServeError("a platform token is set but no adapter could start (see the log above)")
                 if runners:
-                    from bot.web.health import ADAPTERS
-
-                    ADAPTERS.expect(*runners)
                     logger.info("starting adapters: %s", ", ".join(runners))
                     await run_adapters(runtime.service, settings, runners, stop)
                 else:
