@@ -19,7 +19,7 @@ from bench.benchmarks_md import machine, reproduce_command, run_heading, write_s
 SECTION = "Simulated users: generation and evaluation throughput"
 
 from imagine.simulated import BEHAVIOURS, BehaviourPolicy, generate_scripted_dialogues  # noqa: E402
-from imagine.task import load_task  # noqa: E402
+from imagine.task import TaskSpec, load_task  # noqa: E402
 from learning.evaluation import evaluate  # noqa: E402
 
 Row = tuple[str, str, int, float, str]
@@ -38,22 +38,27 @@ def main() -> None:
     parser.add_argument("--dialogues", type=int, default=2000)
     parser.add_argument("--base-model", default="tiny", help="base model for the learned-policy row (tiny|smollm2)")
     parser.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument(
+        "--tasks",
+        default="travel,teaching,examples/houseplants.toml",
+        help="comma-separated built-in task names or task TOML paths",
+    )
     args = parser.parse_args()
     rows: list[Row] = []
-    for task_name in ("travel", "teaching"):
+    for spec in (load_task(t.strip()) for t in args.tasks.split(",") if t.strip()):
 
-        def generate(task_name: str = task_name) -> str:
-            records = generate_scripted_dialogues(task_name, args.dialogues, seed=0)
+        def generate(spec: TaskSpec = spec) -> str:
+            records = generate_scripted_dialogues(spec, args.dialogues, seed=0)
             return f"success {sum(r.reward or 0 for r in records) / len(records):.1%}"
 
-        rows.append(_timed(f"generate scripted ({task_name})", "dialogues", args.dialogues, generate))
+        rows.append(_timed(f"generate scripted ({spec.name})", "dialogues", args.dialogues, generate))
 
-        def run_eval(task_name: str = task_name) -> str:
-            policies = [BehaviourPolicy(task_name, name) for name in BEHAVIOURS]
-            report = evaluate(policies, load_task(task_name), episodes=args.episodes, seed=0, progress=False)
+        def run_eval(spec: TaskSpec = spec) -> str:
+            policies = [BehaviourPolicy(spec, name) for name in BEHAVIOURS]
+            report = evaluate(policies, spec, episodes=args.episodes, seed=0, progress=False)
             return ", ".join(f"{r.name.removeprefix('scripted:')} {r.success_rate:.0%}" for r in report.results)
 
-        rows.append(_timed(f"evaluate 4 scripted agents ({task_name})", "episodes", 4 * args.episodes, run_eval))
+        rows.append(_timed(f"evaluate 4 scripted agents ({spec.name})", "episodes", 4 * args.episodes, run_eval))
     try:
         from learning.policy import load_policy
     except ImportError:

@@ -42,7 +42,7 @@ def load_policies(
                         f"unknown scripted behaviour {behaviour!r}: choose from {', '.join(BEHAVIOURS)}",
                         param_hint="--policy",
                     )
-                policies.append(BehaviourPolicy(task.name, behaviour))
+                policies.append(BehaviourPolicy(task, behaviour))
                 continue
             try:
                 from learning.policy import load_policy
