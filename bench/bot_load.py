@@ -49,11 +49,14 @@ from rich.table import Table
 from rich.text import Text
 
 from bench.benchmarks_md import reproduce_command, run_heading, write_section
+from imagine.task import load_task
 
 SECTION = "Telegram bot load (bench/bot_load.py)"
 RESULTS = ROOT / "bench" / "results" / "bot_load.json"
 USER_ID_BASE = 50_000
 REPLY_TIMEOUT_S = 300.0
+#: The task the bot serves in this run (``--task``; any built-in name or TOML path), set once by :func:`main`.
+TASK = load_task("travel")
 
 
 @dataclass
@@ -95,7 +98,6 @@ def load_policy_for(
     """The prompted base policy on ``tiny`` (random) or ``smollm2`` (bundled), or ``checkpoint:PATH``: a trained
     checkpoint (the default policy, BC, ILQL, …) on ``base_model``; it decodes with ``threads``, as the bot's
     loader sets it (``bot.server.policy_loader``)."""
-    from imagine.task import load_task
     from learning.policy import load_policy
 
     if name.startswith("checkpoint:"):
@@ -104,7 +106,12 @@ def load_policy_for(
         source, base = "base", name
     kwargs = {"cache_dir": model_cache_dir} if model_cache_dir is not None and base != "tiny" else {}
     return load_policy(
-        source, task=load_task("travel"), base_model=base, max_new_tokens=max_new_tokens, threads=threads, **kwargs
+        source,
+        task=load_task(TASK.reference),
+        base_model=base,
+        max_new_tokens=max_new_tokens,
+        threads=threads,
+        **kwargs,
     )
 
 
@@ -123,7 +130,6 @@ async def run_load(
     from bot.policy_holder import PolicyHolder
     from bot.service import DialogueService
     from bot.settings import Settings
-    from imagine.task import load_task
     from storage import Database, Store
     from storage.models import Turn
     from tests.fakes.telegram_api import FakeTelegramServer
@@ -135,7 +141,7 @@ async def run_load(
         async with FakeTelegramServer() as server:
             settings = Settings(_env_file=None, telegram_token=server.token, telegram_base_url=server.base_url)
             holder = PolicyHolder(policy)
-            service = DialogueService(store=store, policies=holder, task=load_task("travel"), settings=settings)
+            service = DialogueService(store=store, policies=holder, task=load_task(TASK.reference), settings=settings)
             stop = asyncio.Event()
             bot_task = asyncio.create_task(run_telegram(service, settings, stop, poll_timeout_s=5))
             await server.wait_for_call("getUpdates", timeout=60)
@@ -328,13 +334,15 @@ async def training_in_background(base_model: str, workdir: Path) -> AsyncIterato
     from imagine.simulated import generate_scripted_dialogues
 
     dialogues = workdir / "dialogues.jsonl"
-    dialogues.write_text("".join(json.dumps(d.to_dict()) + "\n" for d in generate_scripted_dialogues("travel", 400, 0)))
+    dialogues.write_text(
+        "".join(json.dumps(d.to_dict()) + "\n" for d in generate_scripted_dialogues(TASK.reference, 400, 0))
+    )
     command = reverie_command(
         "train",
         "--algo",
         "ilql",
         "--task",
-        "travel",
+        TASK.reference,
         "--dialogues",
         str(dialogues),
         "--steps",
@@ -404,6 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny policy only")
+    parser.add_argument("--task", default="travel", help="a built-in task's name or the path of a task TOML")
     parser.add_argument("--chats", default="1,8,32", help="comma-separated numbers of concurrent chats")
     parser.add_argument("--messages", type=int, default=3, help="messages per chat (each waits for its reply)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="reply length limit (the bot's default: 96)")
@@ -441,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; exit status 1 when a message was lost or a turn not logged."""
     args = parse_args(argv)
+    global TASK
+    TASK = load_task(args.task)
     import torch
 
     torch.set_num_threads(1)  # this thread only loads; the policy's worker decodes with --threads

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.benchmarks_md import machine, reproduce_command, run_heading, write_section
-from imagine.task import load_task
+from imagine.task import TaskSpec, load_task
 from learning.base_model import load_base_model
 from learning.decoding import DecodeConfig, left_pad
 from learning.ilql import ILQLConfig, ValueHeads
@@ -71,9 +71,9 @@ USER_LINES = [
 ]
 
 
-def histories(count: int) -> list[History]:
-    """``count`` distinct two-message histories (so chats share only the system prompt, as real ones do)."""
-    task = load_task("travel")
+def histories(count: int, task: TaskSpec) -> list[History]:
+    """``count`` distinct two-message histories (so chats share only the system prompt, as real ones do); the user
+    lines are the same free-form text whatever the task, so runs on different tasks differ only by the prompt."""
     return [
         [Message("agent", task.opening_line), Message("user", f"{USER_LINES[i % len(USER_LINES)]} (chat {i})")]
         for i in range(count)
@@ -88,7 +88,7 @@ class Bench:
         self.n = args.tokens
         base = load_base_model(args.base_model)
         self.model, self.tokenizer = base.model, base.tokenizer
-        self.task = load_task("travel")
+        self.task = load_task(args.task)
         self.rows: list[dict[str, Any]] = []
         self.console = Console()
 
@@ -111,7 +111,7 @@ class Bench:
     # --- HF generate --------------------------------------------------------------------------------------
 
     def hf_generate(self, model: torch.nn.Module, count: int, *, use_autocast: bool = False) -> Callable[[], None]:
-        prompts = [self.prompt(h) for h in histories(count)]
+        prompts = [self.prompt(h) for h in histories(count, self.task)]
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
 
         def run() -> None:
@@ -155,7 +155,7 @@ class Bench:
         return policy
 
     def one_stream(self, policy: LearnedPolicy) -> Callable[[], None]:
-        history = histories(1)[0]
+        history = histories(1, self.task)[0]
 
         def run() -> None:
             assert policy.engine is not None
@@ -168,7 +168,7 @@ class Bench:
         return run
 
     def chats(self, policy: LearnedPolicy, count: int) -> Callable[[], None]:
-        chat_histories = histories(count)
+        chat_histories = histories(count, self.task)
 
         async def concurrent() -> None:
             await asyncio.gather(*(policy.respond(h) for h in chat_histories))
@@ -184,7 +184,7 @@ class Bench:
     def second_turn(self, policy: LearnedPolicy) -> tuple[float, float]:
         """Seconds for a conversation's second reply with the first turn cached, and without any cache."""
         assert policy.engine is not None
-        first = histories(1)[0]
+        first = histories(1, self.task)[0]
         reply = asyncio.run(policy.respond(first))
         second = [*first, Message("agent", reply), Message("user", "Yes, and we like wine too. Any idea?")]
         cached = self.timed(lambda: asyncio.run(policy.respond(second)))  # the warm-up stores the second turn too
@@ -405,6 +405,7 @@ def markdown(summary: dict[str, Any], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model")
+    parser.add_argument("--task", default="travel", help="a built-in task's name or the path of a task TOML")
     parser.add_argument("--base-model", default=None)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--candidates", type=int, default=4)

@@ -44,7 +44,9 @@ ROWS = {
 }
 
 
-def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int) -> dict[str, float]:
+def measure(
+    row: str, base_model: str, steps: int, batch_size: int, threads: int, task_ref: str = "travel"
+) -> dict[str, float]:
     """Time ``steps`` training steps (after one warm-up) of one row: dialogues/s, tokens/s, peak RSS."""
     torch.set_num_threads(threads)
     from learning.devices import native_bf16
@@ -61,10 +63,10 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
     from learning.training.features import frozen_layers
     from learning.training.imitation import ImitationObjective, policy_loss
 
-    task = load_task("travel")
+    task = load_task(task_ref)
     base = load_base_model(base_model)
     pad = base.tokenizer.pad_token_id
-    records = generate_scripted_dialogues("travel", batch_size * (steps + 1), seed=0)
+    records = generate_scripted_dialogues(task, batch_size * (steps + 1), seed=0)
     items, _ = encode_records(records, base.tokenizer, task)
     batches = [list(range(i, i + batch_size)) for i in range(0, batch_size * (steps + 1), batch_size)]
     result: dict[str, float] = {}
@@ -123,6 +125,7 @@ def measure(row: str, base_model: str, steps: int, batch_size: int, threads: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model")
+    parser.add_argument("--task", default="travel", help="a built-in task's name or the path of a task TOML")
     parser.add_argument("--base-model", default=None)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -134,12 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     base_model = args.base_model or ("tiny" if args.quick else "smollm2")
     if args.one:
-        print(json.dumps(measure(args.one, base_model, args.steps, args.batch_size, args.threads)))
+        print(json.dumps(measure(args.one, base_model, args.steps, args.batch_size, args.threads, args.task)))
         return
     console = Console()
     results: dict[str, dict[str, float]] = {}
     for row in args.rows.split(","):
         command = [sys.executable, __file__, "--one", row, "--base-model", base_model, "--steps", str(args.steps)]
+        command += ["--task", args.task]
         command += ["--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         with console.status(f"measuring {ROWS[row]}…"):
             output = subprocess.run(command, capture_output=True, text=True, check=False)

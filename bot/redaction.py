@@ -35,7 +35,7 @@ MASK = "<redacted>"
 MIN_SECRET_LENGTH = 6
 #: ``scheme://user:password@host``: the password of any URL, registered or not.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<password>[^@\s/]+)@")
-_SECRET_VARIABLES = ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "OPENAI_API_KEY")
+_SECRET_VARIABLES = ("TELEGRAM_TOKEN", "DISCORD_TOKEN", "OPENAI_API_KEY", "ADMIN_TOKEN", "TELEGRAM_WEBHOOK_SECRET")
 
 
 class Redactor:
@@ -67,7 +67,14 @@ class Redactor:
 
     def add_settings(self, settings: Settings) -> None:
         """Register every secret a :class:`~bot.settings.Settings` holds."""
-        for secret in (settings.telegram_token, settings.discord_token, settings.openai_api_key):
+        secrets = (
+            settings.telegram_token,
+            settings.discord_token,
+            settings.openai_api_key,
+            settings.admin_token,
+            settings.telegram_webhook_secret,
+        )
+        for secret in secrets:
             if secret is not None:
                 self.add(secret.get_secret_value())
         self.add_database_url(settings.database_url)
