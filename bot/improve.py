@@ -467,30 +467,40 @@ class ImprovementLoop:
     ) -> TrainingRun:
         deadline = time.monotonic() + self.settings.improve_time_limit_minutes * 60
         started = time.monotonic()
+        # seconds per step, kept in the run's metrics ("imagine_s", …) so every replica's operator page shows them
+        step_seconds: dict[str, float] = {}
+        current: list[tuple[str, float]] = []
 
         def remaining() -> float:
             return max(1.0, deadline - time.monotonic())
 
-        self.on_step("imagine")
+        def step(name: str) -> None:
+            now = time.monotonic()
+            if current:
+                step_seconds[current[0][0]] = now - current[0][1]
+            current[:] = [(name, now)]
+            self.on_step(name)
+
+        step("imagine")
         if imagined > 0:
             await self._imagine(run, run_dir, imagination.backend, imagined, remaining())
             if imagination.also is not None:  # the LLM server's free-form dialogues, mixed in
                 await self._imagine(run, run_dir, imagination.also, IMAGINED_PER_RUN[imagination.also], remaining())
 
-        self.on_step("select")
+        step("select")
         dialogues_path, run, real_ids = await self._select(run, run_dir)
 
-        self.on_step("train")
+        step("train")
         active = await self.store.active_policy_version()
         await self._train(run, dialogues_path, candidate_dir, active, run_dir, remaining())
 
-        self.on_step("evaluate")
+        step("evaluate")
         from learning.checkpoint import verify_checkpoint  # import late: the server starts faster
 
         sha256 = await asyncio.to_thread(verify_checkpoint, candidate_dir)  # a corrupt candidate stops here
         results = await self._evaluate(run, candidate_dir, active, run_dir, remaining())
 
-        self.on_step("gate")
+        step("gate")
         return await self.promote_or_reject(
             run,
             candidate_dir,
@@ -499,6 +509,7 @@ class ImprovementLoop:
             active_success=results.active_success,
             paired=results.paired,
             duration_s=time.monotonic() - started,
+            step_seconds=step_seconds,
             trained_on=real_ids,
         )
 
@@ -586,12 +597,15 @@ class ImprovementLoop:
         paired: PairedDifference | None = None,
         duration_s: float = 0.0,
         trained_on: list[int] | None = None,
+        step_seconds: dict[str, float] | None = None,
     ) -> TrainingRun:
         """Register the candidate; promote and hot-swap it only if :func:`gate` says it is not worse.
 
         ``sha256``: the candidate's digest as verified before its evaluation (it must not have changed since);
         ``paired``: the candidate − active difference over the same personas (a significantly negative one is never
         promoted), recorded in the run's and the version's metrics.
+
+        ``step_seconds``: how long each step took, kept in the run's metrics as ``<step>_s``.
 
         ``trained_on``: ids of the real conversations in its training set. If any of their users asked to be
         forgotten before the promotion, the candidate is discarded (checkpoint deleted, never served) and the
@@ -649,6 +663,7 @@ class ImprovementLoop:
             "active_success": active_success,
             "decision": decision.reason,
             "duration_s": round(duration_s, 1),
+            **{f"{name}_s": round(seconds, 1) for name, seconds in (step_seconds or {}).items()},
             **gate_metrics,
         }
         return await self.store.update_training_run(

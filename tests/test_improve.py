@@ -539,6 +539,7 @@ async def test_a_task_given_by_path_runs_a_whole_improvement_run(tmp_path: Path)
         assert run.status == RunStatus.SUCCEEDED, run.error
         assert (run.n_imagined, run.n_real) == (16, 0)
         assert runtime.policies.version_id == run.candidate_version_id
+        assert all(run.metrics[f"{step}_s"] >= 0 for step in ("imagine", "select", "train", "evaluate"))
         imagined = await runtime.store.dialogues_for_training(sources=["imagined"], task="plantshop")
         assert len(imagined) == 16 and all(d.persona and "light" in d.persona for d in imagined)
         version = await runtime.store.get_policy_version(run.candidate_version_id)
