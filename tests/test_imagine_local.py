@@ -85,9 +85,11 @@ async def test_turn_by_turn_imagination_stores_alternating_dialogues(tiny: tuple
     assert len({r.meta["persona_key"] for r in stored}) == 4
     # A failing agent (reward 0) acts after at most one question; a successful one asks two (all the room that
     # max_turns 4 leaves besides the opening line and the act) before acting.
-    agent_turns = {(r.reward, sum(t.role == "agent" for t in r.turns)) for r in stored}
-    assert {reward for reward, _ in agent_turns} == {0.0, 1.0}
-    assert all(n == 4 if reward == 1.0 else n <= 3 for reward, n in agent_turns)
+    # (the stored reward is the world's judgement of the tiny model's babble; the plan follows the intended one)
+    agent_turns = {(r.meta["intended_reward"], sum(t.role == "agent" for t in r.turns)) for r in stored}
+    assert {reward for reward, _ in agent_turns} == {0, 1}
+    assert all(n == 4 if reward == 1 else n <= 3 for reward, n in agent_turns)
+    assert all(r.meta["judge"] == "world" and r.reward == 0.0 for r in stored)
 
 
 class RoleplayChat:
