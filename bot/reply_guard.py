@@ -102,10 +102,8 @@ class ReplyGuard:
             asked = self.world.asked_attributes(reply)
             known = self.world.known_from_history(history)
             if asked and all(name in known for name in asked) and self.world.final_act(reply) is None:
-                unknown = [name for name in self.world.attribute_names if name not in known]
-                if unknown:
-                    rng = random.Random(len(history))
-                    question = rng.choice(self.world.attribute(unknown[0]).questions)
+                question = self.world.open_question(known, random.Random(len(history)))
+                if question is not None:
                     return Review(question, f"re-asked {', '.join(asked)}, already given")
         return Review(reply)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from imagine.world import world_for
 from learning.interface import Policy
 from storage import Store
 from tests.test_service import ScriptedPolicy
+from tests.test_telegram import tiny_policy  # noqa: F401 - the babbling policy, a shared fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["travel", "teaching", str(ROOT / "examples" / "houseplants.toml")]
@@ -82,24 +82,12 @@ def test_a_task_without_a_world_still_gets_a_safe_clarification(tmp_path: Path) 
     assert guard.review([], "The_N. The_NNDoC is the_N.").text == GENERIC_CLARIFICATION
 
 
-@pytest.fixture(scope="module")
-def gibberish_policy() -> Iterator[Policy]:
-    """The real prompted base policy on the tiny random model: its replies are gibberish."""
-    import torch
-
-    from learning.policy import load_policy
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    policy = load_policy("base", task=load_task("travel"), base_model="tiny", max_new_tokens=12)
-    yield policy
-    policy.close()
-    torch.set_num_threads(threads)
-
-
-async def test_no_degenerate_reply_reaches_a_user_for_any_odd_message(store: Store, gibberish_policy: Policy) -> None:
+async def test_no_degenerate_reply_reaches_a_user_for_any_odd_message(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
     assert len(OOD_MESSAGES) >= 50
-    for policy in (gibberish_policy, ScriptedPolicy()):  # a babbling model, and one that echoes the message back
+    babbling: Policy = request.getfixturevalue("tiny_policy")  # the tiny model's prompted base policy
+    for policy in (babbling, ScriptedPolicy()):  # a babbling model, and one that echoes the message back
         service = DialogueService(
             store=store,
             policies=PolicyHolder(policy),

@@ -249,14 +249,12 @@ def test_behaviour_mix_is_suboptimal_and_optimum_is_rare(task: str) -> None:
 
 
 def _re_asked(world: object, record: object) -> bool:
-    user = world.make_user(record.persona, seed=0)  # type: ignore[attr-defined]
     known: set[str] = set()
     for turn in record.turns:  # type: ignore[attr-defined]
         if turn.role == "user":
             known |= set(world.read_answers(turn.text))  # type: ignore[attr-defined]
         elif known & set(world.asked_attributes(turn.text)):  # type: ignore[attr-defined]
             return True
-    del user
     return False
 
 

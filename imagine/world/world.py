@@ -396,12 +396,15 @@ class TaskWorld:
         """A question about one preference, sometimes after a short acknowledgement."""
         return rng.choice(phrases.ACKNOWLEDGEMENTS) + rng.choice(self.attribute(attribute).questions)
 
+    def open_question(self, known: Mapping[str, str], rng: random.Random) -> str | None:
+        """A question about the first preference not in ``known`` (``None`` when every one is known)."""
+        unknown = [name for name in self.attribute_names if name not in known]
+        return rng.choice(self.attribute(unknown[0]).questions) if unknown else None
+
     def clarifying_reply(self, history: Sequence[MessageLike], rng: random.Random | None = None) -> str:
         """A safe reply that moves the conversation on: a question about the first preference not yet known."""
         rng = rng or random.Random(len(history))
-        known = self.known_from_history(history)
-        unknown = [name for name in self.attribute_names if name not in known]
-        question = rng.choice(self.attribute(unknown[0]).questions) if unknown else "Could you tell me a bit more?"
+        question = self.open_question(self.known_from_history(history), rng) or "Could you tell me a bit more?"
         return f"Sorry, I didn't quite get that. {question}"
 
     # --- users ------------------------------------------------------------------------------------------------
