@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+#: What a checkpoint's weights expect of their prompts. 2: every user turn carries the agent's note
+#: (:mod:`learning.notes`); a policy trained on other prompts would read text it never saw, so it is refused.
+FORMAT_VERSION = 2
 #: The ILQL value heads of a checkpoint (absent for policies that decode without them).
 HEADS_FILE = "heads.safetensors"
 
@@ -113,6 +115,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("base_model", "algorithm"):
         if not isinstance(manifest.get(key), str):
             raise CheckpointError(f"{directory}: {MANIFEST} lacks {key!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format {manifest.get('format_version')!r}, but this Reverie reads format "
+            f"{FORMAT_VERSION} (its prompts changed); train a new policy (`reverie improve`)"
+        )
     return manifest
 
 

@@ -14,7 +14,8 @@ Transitions, by token index ``j`` of an action token (its state is the prefix en
 The terminal reward sits on the last agent token; optional per-turn rewards (👍/👎) sit on the last token
 of their turn. Utterance-level transitions are the same with one step per agent turn.
 
-A leading agent message (the task's opening line, sent by the bot itself) is context, not an action.
+A leading agent message (the task's opening line, sent by the bot itself) is context, not an action. Every user
+turn carries the agent's note (:mod:`learning.notes`), exactly as the policy reads it when serving.
 Sequences longer than ``max_length`` lose whole turns from the start (the system prompt always stays).
 """
 
@@ -32,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from imagine.task import TaskSpec
 from learning.interface import Message
+from learning.notes import with_notes
 from storage import DialogueRecord
 from storage.rewards import is_success
 
@@ -293,7 +295,7 @@ def encode_records(
             item = encode_dialogue(
                 tokenizer,
                 task.system_prompt,
-                record_messages(record),
+                with_notes(task, record_messages(record)),
                 reward=record.reward,
                 turn_rewards=thumbs,
                 source=record.source,

@@ -39,6 +39,7 @@ from learning.engine import DecodeEngine, GenerationRequest, engine_supports
 from learning.ilql import ILQLConfig, ValueHeads
 from learning.interface import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, History, Message
 from learning.lora import load_lora
+from learning.notes import with_notes
 
 logger = logging.getLogger(__name__)
 
@@ -379,9 +380,11 @@ class LearnedPolicy:
     # --- prompts -------------------------------------------------------------------------------------------
 
     def prompt_ids(self, history: History) -> list[int]:
-        """The chat-template prompt for the next agent reply, dropping the oldest turns to fit."""
+        """The chat-template prompt for the next agent reply (user turns with their notes, :mod:`learning.notes`),
+        dropping the oldest turns to fit."""
         turns = [
-            {"role": ROLE_NAMES.get(m.role, "user"), "content": clean_text(self.tokenizer, m.text)} for m in history
+            {"role": ROLE_NAMES.get(m.role, "user"), "content": clean_text(self.tokenizer, m.text)}
+            for m in with_notes(self.task, history)
         ]
         system = [{"role": "system", "content": self.task.system_prompt}]
         budget = self.max_prompt_tokens - self.decode_config.max_new_tokens

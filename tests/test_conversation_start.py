@@ -19,6 +19,7 @@ from learning.dataset import collate, encode_dialogue, encode_records
 from learning.evaluation import evaluate
 from learning.interface import Message
 from learning.lora import attach_lora, output_embedding
+from learning.notes import with_notes
 from learning.policy import LearnedPolicy, load_policy
 from learning.split_trunk import LowerStates, UpperStack
 from learning.training import TrainConfig
@@ -59,11 +60,12 @@ def _first_prompts_equal_training_prefixes(policy: LearnedPolicy) -> None:
     for history, prompt in zip(recorder.histories, recorder.prompts, strict=True):
         assert [m.role for m in history] == ["agent", "user"]
         assert history[0].text == TRAVEL.opening_line
-        # the same history as a training dialogue, followed by the agent's first action
+        # the same history as a training dialogue (user turns with their notes, as encode_records writes them),
+        # followed by the agent's first action
         item = encode_dialogue(
             policy.tokenizer,
             TRAVEL.system_prompt,
-            [*history, Message("agent", "What is your budget?")],
+            with_notes(TRAVEL, [*history, Message("agent", "What is your budget?")]),
             reward=1.0,
         )
         assert len(item.turn_state) == 1  # the opening line is context, not an action

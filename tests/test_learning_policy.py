@@ -397,3 +397,17 @@ def test_repeats_encode_each_prompt_once_and_sample_as_if_it_were_copied() -> No
     assert len({tuple(t) for t in shared.tokens[:3]}) > 1  # three samples of one prompt, not one sample thrice
     assert torch.allclose(shared.state_hidden, copied.state_hidden, atol=1e-4)
     assert torch.allclose(shared.end_hidden, copied.end_hidden, atol=1e-4)
+
+
+def test_load_policy_refuses_a_checkpoint_trained_on_other_prompts(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for file in checkpoints["bc"].iterdir():
+        (old / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1  # before user turns carried the agent's notes
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PolicyLoadError, match="checkpoint format 1, but this Reverie reads format 2"):
+        load_policy(old, task=TASK, base_model="tiny")

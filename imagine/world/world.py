@@ -258,9 +258,10 @@ class TaskWorld:
             return []
         return [a.name for a in self.preferences if any(a.question_pattern.search(q) for q in questions)]
 
-    def read_answers(self, user_text: str) -> dict[str, str]:
+    def read_answers(self, user_text: str, phrasings: Split = "all") -> dict[str, str]:
         """Preference values a user's reply reveals (a value where exactly one of its dimension's matches; ``ANY``
-        for "you pick")."""
+        for "you pick"). ``phrasings`` limits the whole replies it knows by heart to one split: the agent's notes
+        read with the training phrasings only, so a held-out phrasing is understood from its words or not at all."""
         lowered = user_text.lower()
         found: dict[str, str] = {}
         for attribute in self.preferences:
@@ -270,27 +271,28 @@ class TaskWorld:
             matching = [
                 v.value
                 for v in attribute.values
-                if any(say.lower() in lowered for say in v.says) or _matches(v.words, lowered)
+                if any(say.lower() in lowered for say in split_items(v.says, phrasings)) or _matches(v.words, lowered)
             ]
             if len(matching) > 1:  # a longer phrase that contains a shorter value's word wins ("not tight" aside)
                 exact = [
                     v.value
                     for v in attribute.values
-                    if v.value in matching and any(s.lower() in lowered for s in v.says)
+                    if v.value in matching and any(s.lower() in lowered for s in split_items(v.says, phrasings))
                 ]
                 matching = exact if len(exact) == 1 else matching
             if len(matching) == 1:
                 found[attribute.name] = matching[0]
         return found
 
-    def known_from_history(self, history: Sequence[MessageLike]) -> dict[str, str]:
-        """Everything the user has revealed in a history (what a perfect listener knows). A "you pick" that names
-        no dimension answers the dimensions the agent's question before it asked about."""
+    def known_from_history(self, history: Sequence[MessageLike], phrasings: Split = "all") -> dict[str, str]:
+        """Everything the user has revealed in a history (what a perfect listener knows; ``phrasings`` as in
+        :meth:`read_answers`). A "you pick" that names no dimension answers the dimensions the agent's question
+        before it asked about."""
         known: dict[str, str] = {}
         asked: list[str] = []
         for message in history:
             if message.role == "user":
-                found = self.read_answers(message.text)
+                found = self.read_answers(message.text, phrasings)
                 if not found and _FLEXIBLE_WORDS.search(message.text):
                     found = {name: ANY for name in asked}
                 known.update(found)
