@@ -465,8 +465,25 @@ class DialogueService:
                 if not session.resumed:
                     await self._resume(session)
                     session.resumed = True
+                await self._sync(session)
                 yield session
                 return
+
+    async def _sync(self, session: Session) -> None:
+        """Bring the cached session in line with the database: another replica may have opened, continued or
+        closed this user's conversation since this one last served them. Costs one small query per message."""
+        platform, chat_id, user_id = session.key
+        stored = await self.store.open_conversation_of(f"{platform}:{chat_id}", f"{platform}:{user_id}")
+        if stored is None:
+            if session.conversation_id is not None:
+                session.close()  # closed elsewhere (/end, expiry on another replica)
+            return
+        conversation_id, turn_count = stored
+        if conversation_id == session.conversation_id and turn_count == session.stored_turns:
+            return
+        session.open(conversation_id)
+        for turn in await self.store.get_turns(conversation_id):
+            session.add(Message(role="agent" if turn.role == Role.AGENT else "user", text=turn.text))
 
     async def _resume(self, session: Session) -> None:
         await self._load_orphans()

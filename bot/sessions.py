@@ -2,7 +2,8 @@
 
 A session is a cache of what the database already holds (the open conversation and its recent turns)
 plus the lock that keeps that user's turns in order. Losing it loses nothing: after a restart the
-service rebuilds it from the open conversation in the database.
+service rebuilds it from the open conversation in the database, and before every use it is checked against the
+database, so replicas behind a load balancer continue one conversation whichever of them gets the next message.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Session:
     last_conversation_id: int | None = None
     history: list[Message] = field(default_factory=list)
     agent_turns: int = 0
+    #: How many turns of the open conversation the database holds as far as this session knows: another replica
+    #: that stored one more shows as a larger count there (:meth:`DialogueService._sync`).
+    stored_turns: int = 0
     #: Whether the database was checked for a conversation left open by an earlier process.
     resumed: bool = False
 
@@ -43,16 +47,19 @@ class Session:
         self.last_conversation_id = conversation_id
         self.history.clear()
         self.agent_turns = 0
+        self.stored_turns = 0
 
     def close(self) -> None:
         """Forget the open conversation (it stays rateable as ``last_conversation_id``)."""
         self.conversation_id = None
         self.history.clear()
         self.agent_turns = 0
+        self.stored_turns = 0
 
     def add(self, message: Message) -> None:
-        """Remember a turn, keeping only as many as a window can use."""
+        """Remember a turn stored in the open conversation, keeping only as many as a window can use."""
         self.history.append(message)
+        self.stored_turns += 1
         if message.role == "agent":
             self.agent_turns += 1
         del self.history[: -HISTORY_MAX_MESSAGES * 2]

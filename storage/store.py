@@ -421,6 +421,31 @@ class Store:
             return list((await session.exec(query)).all())
 
     @retry_transient()
+    async def open_conversation_of(self, chat_key: str, user_key: str) -> tuple[int, int] | None:
+        """``(id, number of turns)`` of a chat user's newest open real conversation, or ``None``.
+
+        Replicas behind a load balancer each cache a session; one look at this per message tells a replica whether
+        another one has opened, continued or closed the conversation since (one indexed query, no turn texts)."""
+        async with self.database.session() as session:
+            newest = (
+                await session.exec(
+                    select(Conversation.id)
+                    .where(
+                        Conversation.status == ConversationStatus.OPEN,
+                        Conversation.source == Source.REAL,
+                        Conversation.chat_key == chat_key,
+                        Conversation.user_key == user_key,
+                    )
+                    .order_by(col(Conversation.id).desc())
+                    .limit(1)
+                )
+            ).first()
+            if newest is None:
+                return None
+            turns = (await session.exec(select(func.count()).where(Turn.conversation_id == newest))).one()
+            return int(newest), int(turns)
+
+    @retry_transient()
     async def count_conversations(
         self, *, source: str | None = None, task: str | None = None, with_reward: bool = False
     ) -> int:

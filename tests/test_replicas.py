@@ -3,8 +3,8 @@ to one of them (round robin, as a load balancer would), and one replica is SIGKI
 
 Each replica is a process of its own (``python -m bot.cli serve``) with the tiny random policy; the users are
 32 chats sending 3 messages each and waiting for each answer. Afterwards: every answer came once, every message
-and answer is stored once and in order, no update is left unconfirmed, and the killed replica's updates were
-delivered again to the other one.
+and answer is stored once, in order and in one conversation per chat, no update is left unconfirmed, and the
+killed replica's updates were delivered again to the other one.
 """
 
 from __future__ import annotations
@@ -171,6 +171,8 @@ async def test_two_webhook_replicas_answer_every_update_once_even_when_one_is_ki
     for number in range(CHATS):
         chat = 5000 + number
         stored = turns[f"telegram:{chat}"]
+        # one conversation, though consecutive messages landed on different replicas
+        assert len({turn.conversation_id for turn in stored}) == 1
         said = [turn.text for turn in stored if turn.role == Role.USER]
         assert said == [f"chat {number} message {index}" for index in range(MESSAGES)]  # each once, in order
         replies = [turn.text for turn in stored if turn.role == Role.AGENT and turn.text != TASK.opening_line]

@@ -461,3 +461,28 @@ async def test_command_names_are_normalised_and_start_replaces_an_open_conversat
     assert reset[0].text == "Okay, let's start over." and reset[1].text == TASK.opening_line
     assert await sqlite_store.count_conversations() == 3
     assert [c.name for c in service.commands if c.admin_only] == ["status", "retrain", "rollback"]
+
+
+async def test_replicas_on_one_database_continue_one_conversation_whichever_gets_the_message(store: Store) -> None:
+    """Two services on one database (two replicas behind a load balancer): consecutive messages of one chat land
+    on alternating replicas; they stay one conversation, each replica's policy sees every earlier turn, and an
+    /end on one is seen by the other."""
+    first_policy, second_policy = ScriptedPolicy("one"), ScriptedPolicy("two")
+    first, second = make_service(store, first_policy), make_service(store, second_policy)
+    await first.handle_message(ALICE, "hello")
+    await second.handle_message(ALICE, "a beach")
+    await first.handle_message(ALICE, "with my kids")
+    assert len(await store.open_conversations()) == 1
+    assert [text for _, text in first_policy.seen[-1]] == [
+        TASK.opening_line,
+        "hello",
+        "one heard: hello",
+        "a beach",
+        "two heard: a beach",
+        "with my kids",
+    ]
+    await second.handle_command(ALICE, "end", "good")
+    assert await store.open_conversations() == []
+    await first.handle_message(ALICE, "hello again")  # a new conversation, not a turn of the closed one
+    (reopened,) = await store.open_conversations()
+    assert [turn.text for turn in await store.get_turns(reopened.id or 0)][1:2] == ["hello again"]
