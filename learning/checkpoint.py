@@ -27,6 +27,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 #: What a checkpoint's weights expect of their prompts. 2: every user turn carries the agent's note
 #: (:mod:`learning.notes`); a policy trained on other prompts would read text it never saw, so it is refused.
+#: Bump it whenever the notes' wording changes.
 FORMAT_VERSION = 2
 #: The ILQL value heads of a checkpoint (absent for policies that decode without them).
 HEADS_FILE = "heads.safetensors"

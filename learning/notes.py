@@ -3,7 +3,10 @@
 A small model that must read "Full sun most of the day" as *direct sun* from a few thousand imagined dialogues
 learns the phrasings it saw, not the task (held-out phrasings were misread in 68 of 77 final acts on
 houseplants). So every policy — the prompted base model, BC, filtered BC, ILQL, critic-AWR — reads each user turn
-with a one-line note the task's own words produce: the values read so far and the preferences still open. The
+with a one-line note the task's own words produce: the values read so far and the preferences still open, and once
+none is open the task file's phrases that honour those values without clashing (``fits`` and ``clashes``: the
+task's catalogue, which a 135 M model does not learn by heart from a few thousand dialogues either — with the
+values alone, critic-awr recommended the same cast-iron plant to most customers). The
 note is computed from the history up to that message only, so a rendered history only ever grows (the prefix cache
 and the training sequences see the same tokens the bot later does), and training and serving share this one
 function.
@@ -21,9 +24,6 @@ from imagine.task import TaskSpec
 from imagine.world import TaskWorld, TaskWorldError, world_for
 from learning.interface import Message
 
-#: Bumped whenever the note's wording changes: checkpoints record the version they were trained with.
-NOTES_VERSION = 1
-
 
 def task_world(task: TaskSpec) -> TaskWorld | None:
     """The world whose reader writes the notes, or ``None`` for a task whose world does not compile (no notes)."""
@@ -34,12 +34,19 @@ def task_world(task: TaskSpec) -> TaskWorld | None:
 
 
 def note(world: TaskWorld, history: Sequence[Message]) -> str:
-    """The note after the last message of ``history``: e.g. ``(Noted: light = direct sun. To ask: pets.)``."""
+    """The note after the last message of ``history``: e.g. ``(Noted: light = direct sun. To ask: pets.)``; once
+    nothing is left to ask, the task file's phrases that honour every value and clash with none follow."""
     known = world.known_from_history(history, phrasings="train")
     heard = "; ".join(f"{name} = {known[name]}" for name in world.attribute_names if name in known)
     open_ = [a.name for a in world.preferences if a.name not in known]
     parts = [f"Noted: {heard}." if heard else "Noted: nothing yet."]
-    parts.append(f"To ask: {', '.join(open_)}." if open_ else "To ask: nothing.")
+    if open_:
+        parts.append(f"To ask: {', '.join(open_)}.")
+    else:
+        parts.append("To ask: nothing.")
+        options = world.fitting_options(known)
+        if options:
+            parts.append("Fits them: " + "; ".join(" or ".join(choices) for choices in options.values()) + ".")
     return "(" + " ".join(parts) + ")"
 
 

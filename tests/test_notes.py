@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from imagine.task import TaskSpec, load_task
 from imagine.world import split_items, world_for
 from learning.interface import Message
@@ -61,3 +63,24 @@ def test_a_task_with_nothing_but_value_names_still_gets_notes_from_the_names() -
     )
     text = with_notes(task, [Message("user", "Mostly mountain trails.")])[0].text
     assert text.endswith("(Noted: terrain = mountain. To ask: budget.)")
+
+
+def test_once_nothing_is_left_to_ask_the_note_offers_the_fits_that_clash_with_nothing() -> None:
+    answers = [
+        "Bright, but no direct sun.",
+        "My cat chews everything.",
+        "I always forget to water.",
+        "Around 30 euros.",
+    ]
+    history: list[Message] = []
+    for answer in answers:
+        history += [Message("agent", "Tell me more?"), Message("user", answer)]
+    last = with_notes(HOUSEPLANTS, history)[-1].text
+    assert "To ask: nothing. Fits them: a spider plant;" in last  # monstera (pets) and calathea, fern (watering) clash
+    assert "safe for pets or pet-safe" in last and "drought-tolerant" in last
+    assert "Fits them" not in with_notes(HOUSEPLANTS, history[:-2])[-1].text  # the budget is still open
+    # the scripted agents' acts draw from the same options, so the imagined acts honour what the note offers
+    world = world_for(HOUSEPLANTS)
+    known = world.known_from_history(history)
+    act = world.final_act(world.compose_act(known, random.Random(3)))
+    assert act is not None and world.act_fits({**known, "mood": "browsing"}, act)

@@ -362,14 +362,23 @@ class TaskWorld:
             a.name: known[a.name] if known.get(a.name, ANY) != ANY else rng.choice(a.value_names)
             for a in self.preferences
         }
-        clash_patterns = [p for a in self.preferences if (p := a.value(chosen[a.name]).clash_pattern) is not None]
-        fits: dict[str, str] = {}
-        for attribute in self.preferences:
-            options = list(attribute.value(chosen[attribute.name]).fits)
-            safe = [o for o in options if not any(p.search(o) for p in clash_patterns)]
-            if safe or options:
-                fits[attribute.name] = rng.choice(safe or options)
+        fits = {name: rng.choice(options) for name, options in self.fitting_options(chosen).items()}
         return self.fill_act_template(rng.choice(self.act_templates), fits)
+
+    def fitting_options(self, values: Mapping[str, str]) -> dict[str, list[str]]:
+        """For each preference with a value in ``values`` (``ANY`` and unknown ones left out), the phrases of the
+        task file that honour it and clash with none of the others (all of them where every one clashes)."""
+        chosen = {a.name: values[a.name] for a in self.preferences if values.get(a.name, ANY) != ANY}
+        clash_patterns = [
+            pattern for name, value in chosen.items() if (pattern := self.attribute(name).value(value).clash_pattern)
+        ]
+        options: dict[str, list[str]] = {}
+        for name, value in chosen.items():
+            every = list(self.attribute(name).value(value).fits)
+            safe = [o for o in every if not any(p.search(o) for p in clash_patterns)]
+            if safe or every:
+                options[name] = safe or every
+        return options
 
     def fill_act_template(self, template: str, fits: Mapping[str, str]) -> str:
         """A template with ``{main}``, ``{rest}`` and ``{<dimension>}`` filled from one fit per preference."""
