@@ -4,7 +4,8 @@ A small policy fed an odd message (a 2,000-character word, another script, code,
 can answer with fragments ("The_N. The originalx is the_NNDoC…"), loops or leaked role markers. :func:`degenerate`
 names what is wrong with such a text; :class:`ReplyGuard` then sends a safe clarifying question instead. Where the
 task's world compiles (:func:`imagine.world.world_for`) the guard also listens: a reply that only asks for values
-the user has already given is replaced by a question about one still unknown. Both are logged.
+the user has already given is replaced by a question about one still unknown, or, when none is, by the recommendation
+the task's catalogue gives for what the user said (:meth:`TaskWorld.compose_act`). Both are logged.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ class ReplyGuard:
             return Review(self.clarify(history), f"degenerate reply ({reason})")
         if self.world is not None:
             asked = self.world.asked_attributes(reply)
-            known = self.world.known_from_history(history)
+            # read as the agent's notes read (training phrasings and the task's words), never as the judge does
+            known = self.world.known_from_history(history, phrasings="train")
             if asked and all(name in known for name in asked) and self.world.final_act(reply) is None:
-                question = self.world.open_question(known, random.Random(len(history)))
-                if question is not None:
-                    return Review(question, f"re-asked {', '.join(asked)}, already given")
+                rng = random.Random(len(history))
+                # nothing left to ask: the recommendation the task's catalogue gives for what was said
+                better = self.world.open_question(known, rng) or self.world.compose_act(known, rng)
+                return Review(better, f"re-asked {', '.join(asked)}, already given")
         return Review(reply)
 
     def clarify(self, history: Sequence[MessageLike]) -> str:

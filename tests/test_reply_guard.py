@@ -75,6 +75,24 @@ def test_a_question_already_answered_is_replaced_by_one_still_open() -> None:
     assert guard.review(history, act).replaced is None
 
 
+def test_a_question_asked_when_everything_is_known_is_replaced_by_a_fitting_recommendation() -> None:
+    task = load_task(str(ROOT / "examples" / "houseplants.toml"))
+    guard = ReplyGuard(task)
+    history = [
+        Utterance("agent", task.opening_line),
+        Utterance("user", "A sunny windowsill. I have a cat."),
+        Utterance("agent", "How often do you remember to water?"),
+        Utterance("user", "I always forget to water. Under 20 euros."),
+    ]
+    review = guard.review(history, "Do you have any pets?")
+    assert review.replaced is not None and "pets" in review.replaced
+    world = guard.world
+    assert world is not None
+    act = world.final_act(review.text)
+    persona = {"light": "direct sun", "pets": "cats and dogs", "watering": "forgetful", "budget": "under 20 euros"}
+    assert act is not None and world.act_fits({**persona, "mood": "browsing"}, act), review.text
+
+
 def test_a_task_without_a_world_still_gets_a_safe_clarification(tmp_path: Path) -> None:
     spec = load_task("travel").model_copy(update={"persona_hints": ["taste"], "attributes": []})
     guard = ReplyGuard(spec)

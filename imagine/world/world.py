@@ -415,7 +415,8 @@ class TaskWorld:
     def clarifying_reply(self, history: Sequence[MessageLike], rng: random.Random | None = None) -> str:
         """A safe reply that moves the conversation on: a question about the first preference not yet known."""
         rng = rng or random.Random(len(history))
-        question = self.open_question(self.known_from_history(history), rng) or "Could you tell me a bit more?"
+        known = self.known_from_history(history, phrasings="train")  # an agent knows only the training phrasings
+        question = self.open_question(known, rng) or "Could you tell me a bit more?"
         return f"Sorry, I didn't quite get that. {question}"
 
     # --- users ------------------------------------------------------------------------------------------------
