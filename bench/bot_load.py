@@ -25,12 +25,13 @@ import json
 import logging
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from preamble import ROOT
@@ -55,6 +56,9 @@ SECTION = "Telegram bot load (bench/bot_load.py)"
 RESULTS = ROOT / "bench" / "results" / "bot_load.json"
 USER_ID_BASE = 50_000
 REPLY_TIMEOUT_S = 300.0
+#: How often ``/metrics`` is scraped during a load (Prometheus scrapes every 15 s by default; more often here so
+#: even a short load is seen mid-way).
+SCRAPE_INTERVAL_S = 2.0
 #: The task the bot serves in this run (``--task``; any built-in name or TOML path), set once by :func:`main`.
 TASK = load_task("travel")
 
@@ -76,6 +80,9 @@ class LoadResult:
     during_training: bool = False
     #: threads the policy decoded with (None: a policy without the engine's thread control)
     threads: int | None = None
+    #: how many times ``/metrics`` was scraped during the load, and Reverie's samples in the last scrape
+    scrapes: int = 0
+    metrics: list[str] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -124,12 +131,14 @@ async def run_load(
     policy_name: str, policy, chats: int, messages: int, progress: Progress, *, during_training: bool = False
 ) -> LoadResult:
     """Serve ``chats`` concurrent private chats of ``messages`` messages each; measure and count."""
+    import httpx
     from sqlmodel import func, select
 
     from bot.adapters.telegram import run_telegram
     from bot.policy_holder import PolicyHolder
-    from bot.service import DialogueService
+    from bot.server import Runtime, http_server
     from bot.settings import Settings
+    from bot.web.metrics import BotMetrics, MeteredDialogueService
     from storage import Database, Store
     from storage.models import Turn
     from tests.fakes.telegram_api import FakeTelegramServer
@@ -139,12 +148,34 @@ async def run_load(
         await database.create_schema()
         store = Store(database)
         async with FakeTelegramServer() as server:
-            settings = Settings(_env_file=None, telegram_token=server.token, telegram_base_url=server.base_url)
+            settings = Settings(
+                _env_file=None,
+                telegram_token=server.token,
+                telegram_base_url=server.base_url,
+                http_host="127.0.0.1",
+                http_port=free_port(),
+            )
             holder = PolicyHolder(policy)
-            service = DialogueService(store=store, policies=holder, task=load_task(TASK.reference), settings=settings)
+            task = load_task(TASK.reference)
+            metrics = BotMetrics()
+            # the process's real HTTP server, so /metrics is scraped as Prometheus would while the load runs
+            service = MeteredDialogueService(
+                metrics=metrics, store=store, policies=holder, task=task, settings=settings
+            )
+            runtime = Runtime(settings, store, task, holder, service, lambda source, version: policy, metrics)
             stop = asyncio.Event()
+            http = contextlib.AsyncExitStack()  # the server stops with the load, or when the load fails
+            await http.enter_async_context(http_server(runtime, stop))
             bot_task = asyncio.create_task(run_telegram(service, settings, stop, poll_timeout_s=5))
             await server.wait_for_call("getUpdates", timeout=60)
+            scrapes: list[str] = []
+
+            async def scrape_while_loaded() -> None:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as client:
+                    while not stop.is_set():
+                        scrapes.append((await client.get("/metrics")).text)
+                        await asyncio.sleep(SCRAPE_INTERVAL_S)
+
             task_progress = progress.add_task(f"{policy_name} N={chats}", total=chats * messages)
             latencies: list[float] = []
             lost = 0
@@ -168,11 +199,16 @@ async def run_load(
                     progress.advance(task_progress)
 
             started = time.perf_counter()
+            scraper = asyncio.create_task(scrape_while_loaded())
             await asyncio.gather(*(one_chat(i) for i in range(chats)))
             wall = time.perf_counter() - started
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as client:
+                scrapes.append((await client.get("/metrics")).text)  # the last scrape sees the whole load
             stop.set()
+            await scraper
             await bot_task
             await service.shutdown()
+            await http.aclose()
             async with database.session() as session:
                 turns_logged = (
                     await session.exec(select(func.count()).select_from(Turn).where(Turn.role == "user"))
@@ -192,7 +228,25 @@ async def run_load(
         wall_s=wall,
         during_training=during_training,
         threads=getattr(policy, "threads", None),
+        scrapes=len(scrapes),
+        metrics=reverie_lines(scrapes[-1]),
     )
+
+
+def reverie_lines(exposition: str) -> list[str]:
+    """The samples of Reverie's own metrics in one ``/metrics`` answer (no comments, no bucket lines)."""
+    return [
+        line
+        for line in exposition.splitlines()
+        if line.startswith("reverie_") and "_bucket{" not in line and not line.endswith("_created")
+    ]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def rich_table(results: list[LoadResult]) -> Table:
@@ -260,6 +314,19 @@ def markdown(results: list[LoadResult], command: str, args: argparse.Namespace) 
     if ratios:
         lines.append("")
         lines += [f"- {label}: p50 during training / idle p50 = {ratio:.2f}×" for label, ratio in ratios]
+    if results:
+        shown = largest(results)
+        quoted = [line for line in shown.metrics if line.startswith(QUOTED_METRICS)]
+        lines += [
+            "",
+            f"`/metrics` of the process's HTTP server was scraped every {SCRAPE_INTERVAL_S:g} s during each load "
+            f"({', '.join(str(r.scrapes) for r in results)} scrapes); the last scrape of {shown.policy} with "
+            f"{shown.chats} chats{' during training' if shown.during_training else ''}:",
+            "",
+            "```",
+            *quoted,
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -295,11 +362,28 @@ def summary(results: list[LoadResult], args: argparse.Namespace) -> dict[str, ob
                 "turns_logged": r.turns_logged,
                 "apologies": r.apologies,
                 "replies_per_s": round(r.throughput, 3),
+                "metrics_scrapes": r.scrapes,
             }
             for r in results
         ],
         "p50_training_over_idle": dict(training_ratios(results)),
+        "metrics_last_scrape": largest(results).metrics if results else [],
     }
+
+
+def largest(results: list[LoadResult]) -> LoadResult:
+    """The load with the most messages (its last ``/metrics`` scrape is the one shown)."""
+    return max(results, key=lambda r: (r.messages, not r.during_training))
+
+
+#: The metric families the markdown quotes from the last scrape (the JSON keeps every sample).
+QUOTED_METRICS = (
+    "reverie_handled_total",
+    "reverie_reply_latency_seconds_count",
+    "reverie_reply_latency_seconds_sum",
+    "reverie_errors_total",
+    "reverie_active_policy_version",
+)
 
 
 async def load_series(

@@ -1,5 +1,6 @@
 """The quality benches run on a task of one's own given by path, not only on the built-ins: ``bench/rl_vs_bc.py``
-and ``bench/closed_loop.py`` in their ``--quick`` form (the tiny model), as real processes."""
+(and ``bench/served_policy.py`` on its checkpoint) and ``bench/closed_loop.py`` in their ``--quick`` form (the tiny
+model), as real processes."""
 
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ def test_rl_vs_bc_runs_on_a_task_given_by_path(own_task: Path, tmp_path: Path) -
     assert summary["eval_split"]["unseen_phrasings"] is True and summary["eval_split"]["unseen_episodes"] == 6
     assert summary["policies"]["careful"]["success"] == 1.0 and summary["policies"]["careful"]["re_ask_rate"] == 0.0
     assert (tmp_path / "work" / "greenery-quick" / "report" / "transcripts.md").is_file()
+    # the same checkpoint alone and behind the bot's reply guard, on the same held-out users
+    checkpoint = tmp_path / "work" / "greenery-quick" / "fbc"
+    served = _run(
+        "bench/served_policy.py", "--task", str(own_task), "--checkpoint", str(checkpoint),
+        "--base-model", "tiny", "--episodes", "4", "--no-write",
+    )  # fmt: skip
+    assert "fbc + guard" in served and "guard replaced" in served
 
 
 def test_closed_loop_runs_on_a_task_given_by_path(own_task: Path, tmp_path: Path) -> None:
