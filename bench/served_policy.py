@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - started) / 60
     rows = [
         (result.name, result.success_rate, *result.interval, result.re_ask_rate, result.outcomes())
-        for result in report.policies
+        for result in report.results
     ]
     table = Table(title=f"{task.name}: policy alone vs served behind the reply guard ({args.episodes} held-out users)")
     for column in ("policy", "success", "95% interval", "re-asks", "outcomes"):
