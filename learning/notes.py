@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imagine.task import TaskSpec
-from imagine.world import TaskWorld, TaskWorldError, world_for
+from imagine.world import SideQuestion, TaskWorld, TaskWorldError, world_for
 from learning.interface import Message
 
 
@@ -35,7 +35,9 @@ def task_world(task: TaskSpec) -> TaskWorld | None:
 
 def note(world: TaskWorld, history: Sequence[Message]) -> str:
     """The note after the last message of ``history``: e.g. ``(Noted: light = direct sun. To ask: pets.)``; once
-    nothing is left to ask, the task file's phrases that honour every value and clash with none follow."""
+    nothing is left to ask, the task file's phrases that honour every value and clash with none follow; a side
+    question of the task's not yet answered comes with the task file's answer (behind the reply guard, every
+    houseplants failure read was such a question asked five times and never answered)."""
     known = world.known_from_history(history, phrasings="train")
     heard = "; ".join(f"{name} = {known[name]}" for name in world.attribute_names if name in known)
     open_ = [a.name for a in world.preferences if a.name not in known]
@@ -47,7 +49,21 @@ def note(world: TaskWorld, history: Sequence[Message]) -> str:
         options = world.fitting_options(known)
         if options:
             parts.append("Fits them: " + "; ".join(" or ".join(choices) for choices in options.values()) + ".")
+    side = open_side_question(world, history)
+    if side is not None:
+        parts.append(f"They asked: {side.question} Answer: {side.answer}")
     return "(" + " ".join(parts) + ")"
+
+
+def open_side_question(world: TaskWorld, history: Sequence[Message]) -> SideQuestion | None:
+    """The task's side question the user asked that no agent reply has answered since (the newest one)."""
+    pending: SideQuestion | None = None
+    for message in history:
+        if message.role == "user":
+            pending = world.side_question_in(message.text) or pending
+        elif pending is not None and pending.is_answered_by(message.text):
+            pending = None
+    return pending
 
 
 def with_notes(task: TaskSpec, history: Sequence[Message]) -> list[Message]:

@@ -84,3 +84,25 @@ def test_once_nothing_is_left_to_ask_the_note_offers_the_fits_that_clash_with_no
     known = world.known_from_history(history)
     act = world.final_act(world.compose_act(known, random.Random(3)))
     assert act is not None and world.act_fits({**known, "mood": "browsing"}, act)
+
+
+def test_an_unanswered_side_question_comes_with_the_task_files_answer_until_it_is_answered() -> None:
+    history = [
+        Message("agent", HOUSEPLANTS.opening_line),
+        Message("user", "A sunny windowsill. By the way, does it come with a pot?"),
+    ]
+    assert with_notes(HOUSEPLANTS, history)[-1].text.endswith(
+        "They asked: Does it come with a pot? Answer: Every plant comes in a simple nursery pot.)"
+    )
+    still = [
+        *history,
+        Message("agent", "Do you have pets?"),
+        Message("user", "You didn't answer me: Does it come with a pot?"),
+    ]
+    assert "They asked: Does it come with a pot?" in with_notes(HOUSEPLANTS, still)[-1].text
+    answered = [
+        *history,
+        Message("agent", "Yes, every plant comes in a simple nursery pot. Any pets?"),
+        Message("user", "No pets."),
+    ]
+    assert "They asked" not in with_notes(HOUSEPLANTS, answered)[-1].text
