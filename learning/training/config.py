@@ -88,10 +88,13 @@ class TrainConfig:
     eval_every: int = 50
     #: Held-out evaluations without improvement before stopping (0: never stop early).
     patience: int = 3
-    #: Held-out states at which the policy's greedy reply is checked against the task (scripted tasks only).
+    #: Held-out states of each kind at which the policy's greedy reply is checked against the task (tasks whose
+    #: world compiles): where everything is known (a fitting final act) and where something is still open (a
+    #: question about an open preference, none about a given one; ``learning.training.probes``).
     probe_states: int = 24
     #: Filtered BC (so critic-awr's imitation phase, whichever its reference) stops once the greedy reply fits the
-    #: task at this share of the probe states (None: never): the task is learned, further steps only cost time.
+    #: task at this share of the probe states of every kind (None: never): the task is learned, further steps only
+    #: cost time.
     #: Plain BC runs to its held-out optimum instead: its job is to reproduce the data, sampled replies included,
     #: which the greedy probe does not measure — on travel (3600 dialogues, bench/rl_vs_bc.py) BC stopped by the
     #: probe at step 350 (held-out NLL 0.499) succeeded 21 % sampled at T = 1 where its data's behaviours succeed

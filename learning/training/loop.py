@@ -59,7 +59,7 @@ from learning.training.critic import train_critic
 from learning.training.features import build_feature_table, frozen_layers, lower_cache_file, question_token_ids
 from learning.training.imitation import ImitationObjective, held_out_loss, policy_loss
 from learning.training.optim import EarlyStopping, warmup_cosine
-from learning.training.probes import ActProbe, final_act_probes, probe_fit_rate
+from learning.training.probes import ProbeFit, TaskProbe, probe_fit, task_probes
 from learning.training.progress import Clock, format_terms, progress_bar
 from learning.training.replicas import Replicas
 from learning.training.resume import load_resume, resume_dir, save_resume, tuple_state, write_checkpoint
@@ -293,7 +293,7 @@ def _train(
 
     metrics: dict[str, Any] = dict(state.get("metrics", {}))
     interrupted = False
-    probes = final_act_probes(task, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
+    probes = task_probes(task, dialogues, [items[i] for i in held_indices], limit=config.probe_states)
     with progress_bar(progress and replicas.is_main) as bar:
         started = time.monotonic()
         # no gradients here, only products over many rows: bf16 wherever it is native (AMX: 2.4× measured for
@@ -408,7 +408,7 @@ def _policy_stage(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     parameters: list[torch.nn.Parameter],
     joint_heads: ValueHeads | None,
-    probes: Sequence[ActProbe],
+    probes: Sequence[TaskProbe],
     periodic_save: Callable[[], None],
 ) -> bool:
     """Stage 1: weighted imitation (with the joint ILQL loss when ``joint_heads``), evaluated on the held-out
@@ -466,18 +466,16 @@ def _policy_stage(
                     model, run.upper, run.items, run.held_indices, run.lower, objective, run.embedding, run.bf16
                 )
             )
-            if probes:
-                point["fit_at_full_knowledge"] = probe_fit_rate(model, run.tokenizer, probes, run.task, run.bf16)
+            fit = probe_fit(model, run.tokenizer, probes, run.task, run.bf16) if probes else ProbeFit(None, None)
+            point.update(fit.as_metrics())
             curve.append(point)
             logger.info("held out at step %d: %s", state["step"], format_terms(point))
             model.train()
             if stopper.update(point["objective"], state["step"]):
                 logger.info("early stop at step %d: held-out loss rose %d times", state["step"], config.patience)
                 done = True
-            elif fit_target is not None and (fit := point.get("fit_at_full_knowledge", -1.0)) >= fit_target:
-                logger.info(
-                    "task learned at step %d: greedy replies fit %.0f %% of the probe states", state["step"], 100 * fit
-                )
+            elif fit_target is not None and fit.meets(fit_target):
+                logger.info("task learned at step %d: greedy replies fit the probe states (%s)", state["step"], fit)
                 done = learned = True
         bar.update(task_id, advance=1, terms=format_terms(terms, rate))
         if state["step"] % 25 == 0:
