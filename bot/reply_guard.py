@@ -5,7 +5,10 @@ can answer with fragments ("The_N. The originalx is the_NNDoC…"), loops or lea
 names what is wrong with such a text; :class:`ReplyGuard` then sends a safe clarifying question instead. Where the
 task's world compiles (:func:`imagine.world.world_for`) the guard also listens: a reply that only asks for values
 the user has already given is replaced by a question about one still unknown, or, when none is, by the recommendation
-the task's catalogue gives for what the user said (:meth:`TaskWorld.compose_act`). Both are logged.
+the task's catalogue gives for what the user said (:meth:`TaskWorld.compose_act`); and it answers: a side question
+of the task's that the reply leaves unanswered ("Does it come with a pot?") gets the task file's answer first, then
+the reply where it moves the conversation on (asks something still open, or acts), else a question still open. Every
+replacement is logged.
 """
 
 from __future__ import annotations
@@ -99,16 +102,32 @@ class ReplyGuard:
         reason = degenerate(reply)
         if reason is not None:
             return Review(self.clarify(history), f"degenerate reply ({reason})")
-        if self.world is not None:
-            asked = self.world.asked_attributes(reply)
-            # read as the agent's notes read (training phrasings and the task's words), never as the judge does
-            known = self.world.known_from_history(history, phrasings="train")
-            if asked and all(name in known for name in asked) and self.world.final_act(reply) is None:
-                rng = random.Random(len(history))
-                # nothing left to ask: the recommendation the task's catalogue gives for what was said
-                better = self.world.open_question(known, rng) or self.world.compose_act(known, rng)
-                return Review(better, f"re-asked {', '.join(asked)}, already given")
-        return Review(reply)
+        if self.world is None:
+            return Review(reply)
+        world, rng = self.world, random.Random(len(history))
+        asked = world.asked_attributes(reply)
+        acts = world.final_act(reply) is not None
+        # read as the agent's notes read (training phrasings and the task's words), never as the judge does
+        known = world.known_from_history(history, phrasings="train")
+        text, reasons = reply, []
+        if asked and all(name in known for name in asked) and not acts:
+            # nothing left to ask: the recommendation the task's catalogue gives for what was said
+            text = world.open_question(known, rng) or world.compose_act(known, rng)
+            reasons.append(f"re-asked {', '.join(asked)}, already given")
+        side = world.pending_side_question(history)
+        if side is not None and not side.is_informed_by(text):
+            # what follows the answer moves the conversation on: the reply's act or (already chosen) question, or
+            # the world's wording of the question the reply asked (its other sentences may answer wrongly)
+            open_asked = [name for name in asked if name not in known]
+            if reasons or acts:
+                follow = text
+            elif open_asked:
+                follow = world.ask(open_asked[0], rng)
+            else:
+                follow = world.open_question(known, rng) or world.compose_act(known, rng)
+            text = f"Good question! {side.answer} {follow}"
+            reasons.append(f"left {side.question!r} unanswered")
+        return Review(text, "; ".join(reasons) or None)
 
     def clarify(self, history: Sequence[MessageLike]) -> str:
         """A safe reply that moves the conversation on."""

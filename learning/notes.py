@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imagine.task import TaskSpec
-from imagine.world import SideQuestion, TaskWorld, TaskWorldError, world_for
+from imagine.world import TaskWorld, TaskWorldError, world_for
 from learning.interface import Message
 
 
@@ -49,21 +49,10 @@ def note(world: TaskWorld, history: Sequence[Message]) -> str:
         options = world.fitting_options(known)
         if options:
             parts.append("Fits them: " + "; ".join(" or ".join(choices) for choices in options.values()) + ".")
-    side = open_side_question(world, history)
+    side = world.pending_side_question(history)
     if side is not None:
         parts.append(f"They asked: {side.question} Answer: {side.answer}")
     return "(" + " ".join(parts) + ")"
-
-
-def open_side_question(world: TaskWorld, history: Sequence[Message]) -> SideQuestion | None:
-    """The task's side question the user asked that no agent reply has answered since (the newest one)."""
-    pending: SideQuestion | None = None
-    for message in history:
-        if message.role == "user":
-            pending = world.side_question_in(message.text) or pending
-        elif pending is not None and pending.is_answered_by(message.text):
-            pending = None
-    return pending
 
 
 def with_notes(task: TaskSpec, history: Sequence[Message]) -> list[Message]:

@@ -93,6 +93,34 @@ def test_a_question_asked_when_everything_is_known_is_replaced_by_a_fitting_reco
     assert act is not None and world.act_fits({**persona, "mood": "browsing"}, act), review.text
 
 
+def test_a_side_question_left_unanswered_gets_the_task_files_answer_then_the_conversation_moves_on() -> None:
+    """Every houseplants failure read behind the guard was "does it come with a pot?" answered with the policy's
+    own guess ("Yes, it does.") or not at all: the task file's answer goes first, then a question still open."""
+    task = load_task(str(ROOT / "examples" / "houseplants.toml"))
+    guard = ReplyGuard(task)
+    world = guard.world
+    assert world is not None
+    history = [
+        Utterance("agent", task.opening_line),
+        Utterance("user", "A sunny windowsill. By the way, does it come with a pot?"),
+    ]
+    pot = next(side for side in world.side_questions if "pot" in side.question)
+    review = guard.review(history, "Good question! Yes, it does.")
+    assert review.replaced is not None and "unanswered" in review.replaced
+    assert review.text.startswith(f"Good question! {pot.answer} ") and "Yes, it does" not in review.text
+    assert world.asked_attributes(review.text) and not set(world.asked_attributes(review.text)) & {"light"}
+    # a reply that asks something open keeps that question, in the world's words, after the answer
+    asks_pets = guard.review(history, "Good question! Yes. Do you have any pets?")
+    assert asks_pets.text.startswith(f"Good question! {pot.answer} ") and world.asked_attributes(asks_pets.text) == [
+        "pets"
+    ]
+    # answered, or asked no more once answered: nothing replaced
+    answered = f"Good question! {pot.answer} Do you have any pets?"
+    assert guard.review(history, answered).replaced is None
+    later = [*history, Utterance("agent", answered), Utterance("user", "No pets.")]
+    assert guard.review(later, "How often do you remember to water?").replaced is None
+
+
 def test_a_task_without_a_world_still_gets_a_safe_clarification(tmp_path: Path) -> None:
     spec = load_task("travel").model_copy(update={"persona_hints": ["taste"], "attributes": []})
     guard = ReplyGuard(spec)

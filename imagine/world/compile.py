@@ -95,8 +95,9 @@ def _compile_attribute(dimension: str, values: tuple[str, ...], detail: Attribut
 
 def _side_question(question: str, answer: str, words: list[str]) -> SideQuestion:
     answered = phrase_pattern([*phrases.SIDE_ACKNOWLEDGEMENTS, *(words or [answer])])
-    assert answered is not None
-    return SideQuestion(question=question, answer=answer, answered=answered)
+    informed = phrase_pattern(words or [answer])
+    assert answered is not None and informed is not None
+    return SideQuestion(question=question, answer=answer, answered=answered, informed=informed)
 
 
 def compile_world(spec: TaskSpec, *, check: bool = True) -> TaskWorld:

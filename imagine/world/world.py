@@ -108,10 +108,16 @@ class SideQuestion:
     question: str
     answer: str
     answered: re.Pattern[str]
+    #: The answer's own words (no acknowledgement): what a reply that gives the task file's answer contains.
+    informed: re.Pattern[str]
 
     def is_answered_by(self, agent_text: str) -> bool:
-        """Whether an agent reply answers it (its answer words or a generic acknowledgement)."""
+        """Whether an agent reply answers it well enough for a user (its answer words or a generic acknowledgement)."""
         return _matches(self.answered, agent_text)
+
+    def is_informed_by(self, agent_text: str) -> bool:
+        """Whether an agent reply gives the task file's answer (its answer words; "Good question!" alone is not)."""
+        return _matches(self.informed, agent_text)
 
 
 @dataclass
@@ -307,6 +313,16 @@ class TaskWorld:
             if side.question.lower() in lowered:
                 return side
         return None
+
+    def pending_side_question(self, history: Sequence[MessageLike]) -> SideQuestion | None:
+        """The side question the user asked in ``history`` that no agent reply has answered since (the newest)."""
+        pending: SideQuestion | None = None
+        for message in history:
+            if message.role == "user":
+                pending = self.side_question_in(message.text) or pending
+            elif pending is not None and pending.is_answered_by(message.text):
+                pending = None
+        return pending
 
     # --- the final act and its judge -------------------------------------------------------------------------
 
