@@ -112,7 +112,7 @@ class ReplyGuard:
         text, reasons = reply, []
         if asked and all(name in known for name in asked) and not acts:
             # nothing left to ask: the recommendation the task's catalogue gives for what was said
-            text = world.open_question(known, rng) or world.compose_act(known, rng)
+            text = world.next_move(known, rng)
             reasons.append(f"re-asked {', '.join(asked)}, already given")
         side = world.pending_side_question(history)
         if side is not None and not side.is_informed_by(text):
@@ -124,8 +124,8 @@ class ReplyGuard:
             elif open_asked:
                 follow = world.ask(open_asked[0], rng)
             else:
-                follow = world.open_question(known, rng) or world.compose_act(known, rng)
-            text = f"Good question! {side.answer} {follow}"
+                follow = world.next_move(known, rng)
+            text = f"{side.reply()} {follow}"
             reasons.append(f"left {side.question!r} unanswered")
         return Review(text, "; ".join(reasons) or None)
 

@@ -116,7 +116,7 @@ def next_agent_utterance(
     side = world.side_question_in(history[-1].text) if history[-1].role == "user" else None
     answer = ""
     if side is not None and rng.random() < behaviour.answers_side_questions:
-        answer = f"Good question! {side.answer} "
+        answer = f"{side.reply()} "
     total = len(world.attribute_names)
     if rng.random() < behaviour.probability_to_act(len(known), total):
         return answer + world.compose_act(known, rng)

@@ -119,6 +119,10 @@ class SideQuestion:
         """Whether an agent reply gives the task file's answer (its answer words; "Good question!" alone is not)."""
         return _matches(self.informed, agent_text)
 
+    def reply(self) -> str:
+        """How a good agent answers it, before its next move."""
+        return f"Good question! {self.answer}"
+
 
 @dataclass
 class UserHabits:
@@ -427,6 +431,10 @@ class TaskWorld:
         """A question about the first preference not in ``known`` (``None`` when every one is known)."""
         unknown = [name for name in self.attribute_names if name not in known]
         return rng.choice(self.attribute(unknown[0]).questions) if unknown else None
+
+    def next_move(self, known: Mapping[str, str], rng: random.Random) -> str:
+        """What an agent that knows ``known`` does next: ask about a preference still open, else the final act."""
+        return self.open_question(known, rng) or self.compose_act(known, rng)
 
     def clarifying_reply(self, history: Sequence[MessageLike], rng: random.Random | None = None) -> str:
         """A safe reply that moves the conversation on: a question about the first preference not yet known."""
