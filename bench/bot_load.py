@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -141,6 +140,7 @@ async def run_load(
     from bot.web.metrics import BotMetrics, MeteredDialogueService
     from storage import Database, Store
     from storage.models import Turn
+    from tests.fakes.ports import free_port
     from tests.fakes.telegram_api import FakeTelegramServer
 
     with tempfile.TemporaryDirectory(prefix="reverie-botload-") as tmp:
@@ -240,13 +240,6 @@ def reverie_lines(exposition: str) -> list[str]:
         for line in exposition.splitlines()
         if line.startswith("reverie_") and "_bucket{" not in line and not line.endswith("_created")
     ]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def rich_table(results: list[LoadResult]) -> Table:

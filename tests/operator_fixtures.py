@@ -3,7 +3,6 @@ two improvement runs, real conversations with rewards and 👍/👎, and the imp
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from bot.web.metrics import BotMetrics, MeteredDialogueService
 from imagine.task import load_task
 from learning.interface import History
 from storage import ConversationStatus, FeedbackKind, Role, RunStatus, Source, Store
+from tests.fakes.ports import free_port
 
 TASK = load_task("travel")
 ADMIN_TOKEN = "operator-token-3f9a1c7e"
@@ -35,12 +35,6 @@ class VersionPolicy:
 
     def close(self) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def runtime_with_history(store: Store, tmp_path: Path, *, admin_token: str | None = ADMIN_TOKEN) -> Runtime:

@@ -20,6 +20,7 @@ from bot.web.metrics import BotMetrics, MeteredDialogueService
 from imagine.task import load_task
 from learning.interface import History
 from storage import Database, RunStatus, Store
+from tests.fakes.ports import free_port
 
 TASK = load_task("travel")
 
@@ -39,12 +40,6 @@ class EchoPolicy:
 
     def close(self) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def make_runtime(store: Store, **settings: object) -> Runtime:

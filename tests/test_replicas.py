@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from bot.service import POLICY_APOLOGY, SHUTTING_DOWN, STORAGE_APOLOGY
 from imagine.task import load_task
 from storage import Conversation, Database, Role, Store, Turn
 from tests.conftest import _truncate_postgres
+from tests.fakes.ports import free_port
 from tests.fakes.telegram_api import FakeTelegramServer
 
 pytestmark = pytest.mark.postgres
@@ -35,12 +35,6 @@ MESSAGES = 3
 SECRET = "replica-webhook-secret-5b1e"
 WEBHOOK_URL = "https://bot.example.test/telegram/webhook"
 APOLOGIES = {APOLOGY, POLICY_APOLOGY, STORAGE_APOLOGY, SHUTTING_DOWN}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _start_replica(env: dict[str, str], cwd: Path) -> tuple[asyncio.subprocess.Process, str]:

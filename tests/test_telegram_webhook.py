@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
@@ -22,6 +21,7 @@ from imagine.task import load_task
 from learning.interface import History
 from storage import Role, Store
 from storage.models import Turn
+from tests.fakes.ports import free_port
 from tests.fakes.telegram_api import FakeTelegramServer
 
 TASK = load_task("travel")
@@ -47,12 +47,6 @@ class CountingPolicy:
 
     def close(self) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
